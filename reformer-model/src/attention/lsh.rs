@@ -1,0 +1,636 @@
+//! LSH self-attention with shared queries and keys (Kitaev et al. 2020, section 2), computed
+//! as Hugging Face's `LSHSelfAttention` does in transformers 5.25.
+//!
+//! Steps: project to shared `qk` and `v`; hash `qk` with random rotations into buckets; sort
+//! by (round, bucket, position); cut into chunks that attend to themselves and their
+//! neighbours; mask by original positions; softmax per round; unsort; combine rounds by
+//! their logsumexp. Hashing and sorting run on the host: bucket ids are integers that no
+//! gradient flows through.
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use super::{
+    MASK_VALUE, SELF_MASK_VALUE, bool_tensor, look_adjacent, merge_heads, softmax_with_lse,
+    split_heads, window_positions,
+};
+use crate::config::{NumBuckets, ReformerConfig};
+use crate::context::{ForwardContext, KeyMask, RandomSite, Rotations, mix_seed};
+use crate::error::InputError;
+use crate::init::normal_linear;
+
+/// Epsilon of the key normalisation, fixed at 1e-6 by Hugging Face (`_len_norm`), independent
+/// of `layer_norm_eps`.
+const KEY_NORM_EPS: f64 = 1e-6;
+
+/// Settings of one LSH layer, copied from the model config.
+#[derive(Clone, Debug)]
+pub struct LshSettings {
+    /// Number of heads `n_heads`.
+    pub n_heads: usize,
+    /// Width of one head `d_head`.
+    pub d_head: usize,
+    /// Chunk length `chunk_len`.
+    pub chunk_len: usize,
+    /// Neighbouring chunks before a chunk that it attends to.
+    pub chunks_before: usize,
+    /// Neighbouring chunks after a chunk that it attends to.
+    pub chunks_after: usize,
+    /// Hash rounds `n_hashes`.
+    pub n_hashes: usize,
+    /// Bucket layout; `None` picks it from the padded length.
+    pub num_buckets: Option<NumBuckets>,
+    /// Causal masking.
+    pub is_decoder: bool,
+    /// Dropout on attention probabilities.
+    pub dropout: f64,
+    /// Fixed rotation seed shared by all layers and calls.
+    pub hash_seed: Option<u64>,
+    /// Maximum length, used by the automatic bucket count.
+    pub max_position_embeddings: usize,
+}
+
+/// LSH self-attention: shared query-key projection and value projection, no biases.
+#[derive(Module, Debug)]
+pub struct LshSelfAttention {
+    /// Shared query-key projection `W_qk`, `d_model -> n_heads * d_head`.
+    pub query_key: Linear,
+    /// Value projection `W_v`, `d_model -> n_heads * d_head`.
+    pub value: Linear,
+    #[module(skip)]
+    settings: LshSettings,
+}
+
+/// What hashing and sorting produced for one call, needed to chunk, mask and unsort.
+struct SortedLayout {
+    /// Global row index into `[batch_size * n_heads * seq_len]` for each sorted slot.
+    gather: Vec<i64>,
+    /// Global slot index into `[batch_size * n_heads * n_hashes * seq_len]` that undoes the sort.
+    undo: Vec<i64>,
+    /// Original position held in each sorted slot, `[batch_size * n_heads, n_hashes * seq_len]`.
+    positions: Vec<u32>,
+}
+
+impl LshSelfAttention {
+    /// Creates the layer from the model config.
+    pub fn new(config: &ReformerConfig, device: &Device) -> Self {
+        let d_model = config.hidden_size;
+        let width = config.all_head_size();
+        Self {
+            query_key: normal_linear(d_model, width, false, config.initializer_range, device),
+            value: normal_linear(d_model, width, false, config.initializer_range, device),
+            settings: LshSettings {
+                n_heads: config.num_attention_heads,
+                d_head: config.attention_head_size,
+                chunk_len: config.lsh_attn_chunk_length,
+                chunks_before: config.lsh_num_chunks_before,
+                chunks_after: config.lsh_num_chunks_after,
+                n_hashes: config.num_hashes,
+                num_buckets: config.num_buckets.clone(),
+                is_decoder: config.is_decoder,
+                dropout: config.lsh_attention_probs_dropout_prob,
+                hash_seed: config.hash_seed,
+                max_position_embeddings: config.max_position_embeddings,
+            },
+        }
+    }
+
+    /// Returns the layer's settings.
+    pub fn settings(&self) -> &LshSettings {
+        &self.settings
+    }
+
+    /// Returns the bucket layout used at padded length `seq_len`.
+    pub fn buckets_for(&self, seq_len: usize) -> NumBuckets {
+        let s = &self.settings;
+        s.num_buckets
+            .clone()
+            .unwrap_or_else(|| NumBuckets::automatic(seq_len, s.chunk_len, s.max_position_embeddings))
+    }
+
+    /// Runs LSH self-attention and returns the merged heads, before the output projection.
+    ///
+    /// `layer` is the index in `attn_layers`: it selects injected rotations and seeds the
+    /// random ones.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch_size, seq_len, d_model]`, with `seq_len` a multiple of `chunk_len` or at
+    ///   most `chunk_len`
+    /// - output: `[batch_size, seq_len, n_heads * d_head]`
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        mask: Option<&KeyMask>,
+        layer: usize,
+        ctx: &ForwardContext,
+    ) -> Result<Tensor<3>, InputError> {
+        let s = &self.settings;
+        let [batch_size, seq_len, _] = x.dims();
+        let qk = split_heads(self.query_key.forward(x.clone()), s.n_heads, s.d_head); // [batch_size, n_heads, seq_len, d_head]
+        let v = split_heads(self.value.forward(x), s.n_heads, s.d_head); // [batch_size, n_heads, seq_len, d_head]
+
+        let out = if seq_len <= s.chunk_len {
+            self.attend_exact(qk, v, mask, layer, ctx)
+        } else {
+            debug_assert_eq!(seq_len % s.chunk_len, 0, "seq_len {seq_len} is not a multiple of chunk_len {}", s.chunk_len);
+            self.attend_hashed(qk, v, mask, layer, ctx)?
+        };
+        debug_assert_eq!(out.dims(), [batch_size, s.n_heads, seq_len, s.d_head]);
+        Ok(merge_heads(out))
+    }
+
+    /// Exact shared-QK attention over the whole sequence, used when `seq_len <= chunk_len`:
+    /// no hashing and no random draw.
+    fn attend_exact(
+        &self,
+        qk: Tensor<4>,
+        v: Tensor<4>,
+        mask: Option<&KeyMask>,
+        layer: usize,
+        ctx: &ForwardContext,
+    ) -> Tensor<4> {
+        let s = &self.settings;
+        let [batch_size, n_heads, seq_len, _] = qk.dims();
+        let keys = key_norm(qk.clone(), s.d_head);
+        let scores = qk.matmul(keys.swap_dims(2, 3)); // [batch_size, n_heads, seq_len, seq_len]
+
+        let rows = batch_size * n_heads;
+        let positions: Vec<u32> = (0..seq_len as u32).collect::<Vec<_>>().repeat(rows);
+        let scores = self.apply_masks(scores, rows, seq_len, &positions, &positions, mask);
+
+        let (probs, _) = softmax_with_lse(scores);
+        let probs = ctx.dropout(probs, s.dropout, layer, RandomSite::AttentionProbs);
+        probs.matmul(v)
+    }
+
+    /// Hashed attention: bucket, sort, chunk, attend within windows, unsort, combine rounds.
+    fn attend_hashed(
+        &self,
+        qk: Tensor<4>,
+        v: Tensor<4>,
+        mask: Option<&KeyMask>,
+        layer: usize,
+        ctx: &ForwardContext,
+    ) -> Result<Tensor<4>, InputError> {
+        let s = &self.settings;
+        let [batch_size, n_heads, seq_len, d_head] = qk.dims();
+        let device = qk.device();
+        let n_hashes = ctx.num_hashes.unwrap_or(s.n_hashes);
+        let chunk_len = s.chunk_len;
+        let rows = batch_size * n_heads;
+        let slots = n_hashes * seq_len;
+        let n_chunks = slots / chunk_len;
+
+        let buckets = self.hash(qk.clone(), n_hashes, mask, layer, ctx)?;
+        let layout = sort_by_bucket(&buckets, rows, n_hashes, seq_len);
+
+        // Gather rows in sorted order; every round gathers the same rows in its own order.
+        let gather = Tensor::<1, Int>::from_data(TensorData::new(layout.gather.clone(), [rows * slots]), &device);
+        let qk_sorted = qk.reshape([rows * seq_len, d_head]).select(0, gather.clone()); // [rows * slots, d_head]
+        let v_sorted = v.reshape([rows * seq_len, d_head]).select(0, gather); // [rows * slots, d_head]
+
+        let queries = qk_sorted.clone().reshape([rows, n_chunks, chunk_len, d_head]);
+        let keys = key_norm(qk_sorted, d_head).reshape([rows, n_chunks, chunk_len, d_head]);
+        let keys = look_adjacent(keys, s.chunks_before, s.chunks_after); // [rows, n_chunks, window, d_head]
+        let values = look_adjacent(v_sorted.reshape([rows, n_chunks, chunk_len, d_head]), s.chunks_before, s.chunks_after); // [rows, n_chunks, window, d_head]
+
+        let scores = queries.matmul(keys.swap_dims(2, 3)); // [rows, n_chunks, chunk_len, window]
+        let key_positions = window_positions(&layout.positions, rows, chunk_len, s.chunks_before, s.chunks_after);
+        let scores = self.apply_masks(scores, rows, chunk_len, &layout.positions, &key_positions, mask);
+
+        let (probs, lse) = softmax_with_lse(scores); // lse: [rows, n_chunks, chunk_len, 1]
+        let probs = ctx.dropout(probs, s.dropout, layer, RandomSite::AttentionProbs);
+        let out = probs.matmul(values); // [rows, n_chunks, chunk_len, d_head]
+
+        // Undo the sort: slot k * seq_len + t of each row gets round k's output for position t.
+        let undo = Tensor::<1, Int>::from_data(TensorData::new(layout.undo, [rows * slots]), &device);
+        let out = out
+            .reshape([rows * slots, d_head])
+            .select(0, undo.clone())
+            .reshape([batch_size, n_heads, n_hashes, seq_len, d_head]);
+        let lse = lse
+            .reshape([rows * slots, 1])
+            .select(0, undo)
+            .reshape([batch_size, n_heads, n_hashes, seq_len]);
+
+        if n_hashes == 1 {
+            return Ok(out.reshape([batch_size, n_heads, seq_len, d_head]));
+        }
+        // Weight round k by exp(lse_k - logsumexp_k(lse_k)): the rounds' softmax denominators
+        // combine into one softmax over the union of their windows.
+        let lse = lse.swap_dims(2, 3); // [batch_size, n_heads, seq_len, n_hashes]
+        let weights = (lse.clone() - super::logsumexp(lse)).exp().swap_dims(2, 3); // [batch_size, n_heads, n_hashes, seq_len]
+        let combined = (out * weights.unsqueeze_dim::<5>(4)).sum_dim(2); // [batch_size, n_heads, 1, seq_len, d_head]
+        Ok(combined.reshape([batch_size, n_heads, seq_len, d_head]))
+    }
+
+    /// Replaces disallowed scores: padding keys and (when causal) later keys by
+    /// [`MASK_VALUE`], then a token's own key by [`SELF_MASK_VALUE`], comparing original
+    /// positions.
+    ///
+    /// The scores are laid out as `rows` rows (`batch_size * n_heads`, batch-major), each with
+    /// chunks of `chunk_len` queries; `query_positions` holds every query's original position
+    /// in that order and `key_positions` one window of positions per chunk.
+    fn apply_masks(
+        &self,
+        scores: Tensor<4>,
+        rows: usize,
+        chunk_len: usize,
+        query_positions: &[u32],
+        key_positions: &[u32],
+        mask: Option<&KeyMask>,
+    ) -> Tensor<4> {
+        let shape = scores.dims();
+        let device = scores.device();
+        let causal = self.settings.is_decoder;
+        let n_chunks = query_positions.len() / chunk_len;
+        let chunks_per_row = n_chunks / rows;
+        let window = key_positions.len() / n_chunks;
+        let count = query_positions.len() * window;
+        let with_disallowed = mask.is_some() || causal;
+
+        let mut disallowed = Vec::with_capacity(if with_disallowed { count } else { 0 });
+        let mut own = Vec::with_capacity(count);
+        for chunk in 0..n_chunks {
+            let batch = chunk / chunks_per_row / self.settings.n_heads;
+            let keys = &key_positions[chunk * window..(chunk + 1) * window];
+            for &q_pos in &query_positions[chunk * chunk_len..(chunk + 1) * chunk_len] {
+                for &k_pos in keys {
+                    own.push(q_pos == k_pos);
+                    if with_disallowed {
+                        let padded = mask.is_some_and(|m| !m.is_valid(batch, k_pos as usize));
+                        disallowed.push(padded || (causal && q_pos < k_pos));
+                    }
+                }
+            }
+        }
+
+        let scores = if with_disallowed {
+            scores.mask_fill(bool_tensor(disallowed, shape, &device), MASK_VALUE)
+        } else {
+            scores
+        };
+        scores.mask_fill(bool_tensor(own, shape, &device), SELF_MASK_VALUE)
+    }
+
+    /// Hashes `qk` into buckets per head and round: `argmax([xR; -xR])` per bucket factor.
+    /// Masked positions go to an extra bucket when the mask has padding.
+    ///
+    /// Returns bucket ids `[batch_size * n_heads, n_hashes, seq_len]` flattened, already
+    /// offset so that each round's ids are disjoint: `bucket + round * stride`.
+    fn hash(
+        &self,
+        qk: Tensor<4>,
+        n_hashes: usize,
+        mask: Option<&KeyMask>,
+        layer: usize,
+        ctx: &ForwardContext,
+    ) -> Result<Vec<u32>, InputError> {
+        let s = &self.settings;
+        let [batch_size, n_heads, seq_len, d_head] = qk.dims();
+        let buckets = self.buckets_for(seq_len);
+        let factors = buckets.factors();
+        let rot_half = buckets.rotation_size() / 2;
+        let shape = [n_heads, d_head, n_hashes, rot_half];
+
+        let rotations = match ctx.rotations.as_ref().and_then(|all| all.get(&layer)) {
+            Some(given) => {
+                if given.shape != shape {
+                    return Err(InputError::Rotations {
+                        layer,
+                        reason: format!(
+                            "shape {:?} does not match [n_heads, d_head, n_hashes, rot_size / 2] = {shape:?}",
+                            given.shape
+                        ),
+                    });
+                }
+                given.clone()
+            }
+            None => {
+                let seed = match s.hash_seed {
+                    Some(seed) => mix_seed(&[seed]),
+                    None => ctx.stream_seed(layer, RandomSite::Rotations),
+                };
+                Rotations::random(shape, seed)
+            }
+        };
+
+        // [1, n_heads, d_head, n_hashes * rot_half]: row-major, so HF's layout reshapes directly.
+        let rotation_tensor = Tensor::<4>::from_data(
+            TensorData::new(rotations.values.to_vec(), [1, n_heads, d_head, n_hashes * rot_half]),
+            &qk.device(),
+        );
+        let projected = qk.detach().matmul(rotation_tensor); // [batch_size, n_heads, seq_len, n_hashes * rot_half]
+        let projected: Vec<f32> = projected.try_into_vec_as::<f32>().expect("f32 data");
+
+        let n_buckets = buckets.total();
+        let pad_bucket = mask.is_some_and(KeyMask::has_padding);
+        let stride = (n_buckets + usize::from(pad_bucket)) as u32;
+        let rows = batch_size * n_heads;
+        let mut ids = vec![0u32; rows * n_hashes * seq_len];
+        for row in 0..rows {
+            let b = row / n_heads;
+            for t in 0..seq_len {
+                let base = (row * seq_len + t) * n_hashes * rot_half;
+                for round in 0..n_hashes {
+                    let r = &projected[base + round * rot_half..base + (round + 1) * rot_half];
+                    let bucket = if pad_bucket && !mask.expect("checked").is_valid(b, t) {
+                        n_buckets as u32
+                    } else {
+                        factorised_argmax(r, &factors)
+                    };
+                    ids[(row * n_hashes + round) * seq_len + t] = bucket + round as u32 * stride;
+                }
+            }
+        }
+        Ok(ids)
+    }
+}
+
+/// Returns the bucket of one projected vector: per factor `f`, the argmax over
+/// `[r_block; -r_block]` (ties to the first index), combined as `a1 + f1 * a2 + ...`.
+fn factorised_argmax(r: &[f32], factors: &[usize]) -> u32 {
+    let mut bucket = 0usize;
+    let mut scale = 1usize;
+    let mut offset = 0usize;
+    for &factor in factors {
+        let half = factor / 2;
+        let block = &r[offset..offset + half];
+        let mut best = 0usize;
+        let mut best_value = f32::NEG_INFINITY;
+        for (i, &value) in block.iter().chain(block.iter()).enumerate() {
+            let value = if i < half { value } else { -value };
+            if value > best_value {
+                best = i;
+                best_value = value;
+            }
+        }
+        bucket += best * scale;
+        scale *= factor;
+        offset += half;
+    }
+    bucket as u32
+}
+
+/// Sorts each row's `n_hashes * seq_len` slots stably by bucket id (ids of different rounds are
+/// disjoint, so rounds stay in order and ties keep ascending positions).
+fn sort_by_bucket(buckets: &[u32], rows: usize, n_hashes: usize, seq_len: usize) -> SortedLayout {
+    let slots = n_hashes * seq_len;
+    let mut gather = Vec::with_capacity(rows * slots);
+    let mut undo = vec![0i64; rows * slots];
+    let mut positions = Vec::with_capacity(rows * slots);
+    let mut order: Vec<u32> = Vec::with_capacity(slots);
+    for row in 0..rows {
+        let keys = &buckets[row * slots..(row + 1) * slots];
+        order.clear();
+        order.extend(0..slots as u32);
+        order.sort_by_key(|&slot| keys[slot as usize]); // stable
+        for (sorted, &slot) in order.iter().enumerate() {
+            let position = slot as usize % seq_len;
+            gather.push((row * seq_len + position) as i64);
+            positions.push(position as u32);
+            undo[row * slots + slot as usize] = (row * slots + sorted) as i64;
+        }
+    }
+    SortedLayout { gather, undo, positions }
+}
+
+/// Normalises shared-QK keys as Hugging Face's `_len_and_dim_norm`:
+/// `x / sqrt(mean(x^2) + 1e-6) / sqrt(d_head)`.
+fn key_norm<const D: usize>(x: Tensor<D>, d_head: usize) -> Tensor<D> {
+    let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
+    x / (variance + KEY_NORM_EPS).sqrt() / (d_head as f64).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use burn::tensor::activation::softmax;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::config::AttentionKind;
+    use crate::testing::{assert_close, random_tensor, test_device, values};
+
+    const D_MODEL: usize = 32;
+    const N_HEADS: usize = 2;
+    const D_HEAD: usize = 16;
+    const CHUNK_LEN: usize = 8;
+
+    /// Returns a valid one-layer LSH config with chunks of [`CHUNK_LEN`] that look one chunk
+    /// back. The large initializer range makes attention peaked: near-uniform attention
+    /// averages all values alike and would hide a misplaced key or value.
+    fn lsh_config(num_hashes: usize, num_buckets: Option<NumBuckets>, is_decoder: bool) -> ReformerConfig {
+        let config = ReformerConfig {
+            attn_layers: vec![AttentionKind::Lsh],
+            hidden_size: D_MODEL,
+            num_attention_heads: N_HEADS,
+            attention_head_size: D_HEAD,
+            num_hashes,
+            num_buckets,
+            lsh_attn_chunk_length: CHUNK_LEN,
+            local_attn_chunk_length: CHUNK_LEN,
+            lsh_num_chunks_before: 1,
+            lsh_num_chunks_after: 0,
+            axial_pos_shape: vec![8, 8],
+            axial_pos_embds_dim: vec![16, 16],
+            max_position_embeddings: 64,
+            feed_forward_size: 64,
+            is_decoder,
+            vocab_size: 16,
+            initializer_range: 0.5,
+            ..ReformerConfig::default()
+        };
+        config.validate().expect("the test config is valid");
+        config
+    }
+
+    /// Builds a `[batch_size, n_heads, seq_len, seq_len]` mask that is `true` where
+    /// `fill(query, key)` holds.
+    fn pair_mask(
+        shape: [usize; 4],
+        fill: impl Fn(usize, usize) -> bool,
+        device: &Device,
+    ) -> Tensor<4, Bool> {
+        let [batch_size, n_heads, seq_len, _] = shape;
+        let mut flags = Vec::with_capacity(shape.iter().product());
+        for _ in 0..batch_size * n_heads {
+            for query in 0..seq_len {
+                flags.extend((0..seq_len).map(|key| fill(query, key)));
+            }
+        }
+        Tensor::from_data(TensorData::new(flags, shape), device)
+    }
+
+    /// Computes exact shared-QK attention with plain tensor ops from the layer's weights:
+    /// query `qk`, key `qk / sqrt(mean(qk^2) + 1e-6) / sqrt(d_head)`; when `causal`, scores of
+    /// later keys are replaced by -1e9; then the own key's score is replaced by -1e5.
+    fn exact_shared_qk(layer: &LshSelfAttention, x: Tensor<3>, causal: bool) -> Tensor<3> {
+        let [batch_size, seq_len, d_model] = x.dims();
+        let device = x.device();
+        let project = |weight: Tensor<2>| {
+            x.clone()
+                .reshape([batch_size * seq_len, d_model])
+                .matmul(weight) // [batch_size * seq_len, n_heads * d_head]
+                .reshape([batch_size, seq_len, N_HEADS, D_HEAD])
+                .swap_dims(1, 2) // [batch_size, n_heads, seq_len, d_head]
+        };
+        let qk = project(layer.query_key.weight.val());
+        let v = project(layer.value.weight.val());
+
+        let rms = qk.clone().powi_scalar(2).mean_dim(3).add_scalar(1e-6).sqrt(); // [batch_size, n_heads, seq_len, 1]
+        let keys = qk.clone() / rms / (D_HEAD as f64).sqrt();
+        let scores = qk.matmul(keys.swap_dims(2, 3)); // [batch_size, n_heads, seq_len, seq_len]
+
+        let shape = [batch_size, N_HEADS, seq_len, seq_len];
+        let later = pair_mask(shape, |query, key| causal && key > query, &device);
+        let own = pair_mask(shape, |query, key| key == query, &device);
+        let scores = scores.mask_fill(later, -1e9).mask_fill(own, -1e5);
+
+        softmax(scores, 3)
+            .matmul(v) // [batch_size, n_heads, seq_len, d_head]
+            .swap_dims(1, 2)
+            .reshape([batch_size, seq_len, N_HEADS * D_HEAD])
+    }
+
+    /// Returns a context whose layer 0 uses `rotations` instead of drawing its own.
+    fn with_rotations(seed: u64, rotations: Rotations) -> ForwardContext {
+        ForwardContext {
+            rotations: Some(Arc::new(HashMap::from([(0, rotations)]))),
+            ..ForwardContext::eval(seed)
+        }
+    }
+
+    #[test]
+    fn short_sequence_equals_exact_attention() {
+        let device = test_device();
+        let layer = LshSelfAttention::new(&lsh_config(1, None, false), &device);
+        for seq_len in [5, CHUNK_LEN] {
+            let x = random_tensor([2, seq_len, D_MODEL], seq_len as u64, &device);
+            let out = layer.forward(x.clone(), None, 0, &ForwardContext::eval(0)).unwrap();
+            let expected = exact_shared_qk(&layer, x, false);
+            assert_close(&values(out), &values(expected), 1e-4);
+        }
+    }
+
+    #[test]
+    fn two_chunks_equal_exact_attention() {
+        // With two chunks, one round and one chunk of look-back (wrapping around), every query
+        // sees every key exactly once, whatever the buckets are.
+        let device = test_device();
+        let layer = LshSelfAttention::new(&lsh_config(1, None, false), &device);
+        let x = random_tensor([2, 2 * CHUNK_LEN, D_MODEL], 1, &device);
+        let expected = values(exact_shared_qk(&layer, x.clone(), false));
+        for seed in 0..3 {
+            let out = layer.forward(x.clone(), None, 0, &ForwardContext::eval(seed)).unwrap();
+            assert_close(&values(out), &expected, 1e-4);
+        }
+    }
+
+    #[test]
+    fn two_chunks_causal_equal_exact_causal_attention() {
+        let device = test_device();
+        let layer = LshSelfAttention::new(&lsh_config(1, None, true), &device);
+        let x = random_tensor([2, 2 * CHUNK_LEN, D_MODEL], 2, &device);
+        let expected = values(exact_shared_qk(&layer, x.clone(), true));
+        for seed in 0..3 {
+            let out = layer.forward(x.clone(), None, 0, &ForwardContext::eval(seed)).unwrap();
+            assert_close(&values(out), &expected, 1e-4);
+        }
+    }
+
+    #[test]
+    fn unsort_inverts_sort() {
+        let (rows, n_hashes, seq_len, n_buckets) = (3, 2, 10, 4);
+        let mut rng = StdRng::seed_from_u64(3);
+        let buckets: Vec<u32> = (0..rows * n_hashes * seq_len)
+            .map(|slot| rng.random_range(0..n_buckets) + (slot / seq_len % n_hashes) as u32 * n_buckets)
+            .collect();
+        let layout = sort_by_bucket(&buckets, rows, n_hashes, seq_len);
+
+        // Sort distinct per-token values as the layer sorts `qk`, then unsort as it unsorts
+        // the output: slot `round * seq_len + t` of each row must get token `t` back.
+        let tokens: Vec<i64> = (0..(rows * seq_len) as i64).map(|token| 1000 + token).collect();
+        let sorted: Vec<i64> = layout.gather.iter().map(|&row| tokens[row as usize]).collect();
+        let unsorted: Vec<i64> = layout.undo.iter().map(|&slot| sorted[slot as usize]).collect();
+        let expected: Vec<i64> = (0..rows * n_hashes * seq_len)
+            .map(|slot| tokens[slot / (n_hashes * seq_len) * seq_len + slot % seq_len])
+            .collect();
+        assert_eq!(unsorted, expected);
+
+        let mut undo = layout.undo.clone();
+        undo.sort_unstable();
+        assert_eq!(undo, (0..(rows * n_hashes * seq_len) as i64).collect::<Vec<_>>(), "undo is not a permutation");
+    }
+
+    #[test]
+    fn sort_by_bucket_is_stable() {
+        let (rows, n_hashes, seq_len) = (2, 2, 12);
+        let mut rng = StdRng::seed_from_u64(4);
+        let buckets: Vec<u32> = (0..rows * n_hashes * seq_len)
+            .map(|slot| rng.random_range(0..3) + (slot / seq_len % n_hashes) as u32 * 3)
+            .collect();
+        let layout = sort_by_bucket(&buckets, rows, n_hashes, seq_len);
+
+        let slots = n_hashes * seq_len;
+        let mut sorted_buckets = vec![0u32; rows * slots];
+        for (slot, &target) in layout.undo.iter().enumerate() {
+            sorted_buckets[target as usize] = buckets[slot];
+        }
+        for row in 0..rows {
+            for sorted in row * slots + 1..(row + 1) * slots {
+                let previous = (sorted_buckets[sorted - 1], layout.positions[sorted - 1]);
+                let current = (sorted_buckets[sorted], layout.positions[sorted]);
+                assert!(previous < current, "row {row}, sorted slot {sorted}: {previous:?} before {current:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn factorised_argmax_ties_go_to_first_index() {
+        // One factor of 4: candidates [r0, r1, -r0, -r1].
+        assert_eq!(factorised_argmax(&[1.0, 1.0], &[4]), 0);
+        assert_eq!(factorised_argmax(&[-1.0, -1.0], &[4]), 2);
+        // Factors [2, 4]: the first block [0, -0] ties at index 0; the second block
+        // [-0.5, -0.5, 0.5, 0.5] ties at index 2, giving 0 + 2 * 2.
+        assert_eq!(factorised_argmax(&[0.0, -0.5, -0.5], &[2, 4]), 4);
+        // First block [-1, 1] picks 1, so the bucket is 1 + 2 * 2.
+        assert_eq!(factorised_argmax(&[-1.0, -0.5, -0.5], &[2, 4]), 5);
+    }
+
+    #[test]
+    fn injected_rotations_make_rounds_deterministic() {
+        let device = test_device();
+        let n_hashes = 4;
+        let layer = LshSelfAttention::new(&lsh_config(n_hashes, Some(NumBuckets::Single(4)), false), &device);
+        let x = random_tensor([2, 4 * CHUNK_LEN, D_MODEL], 5, &device);
+        let rotations = Rotations::random([N_HEADS, D_HEAD, n_hashes, 2], 6);
+
+        // The two contexts would draw different rotations from their seeds, so equal outputs
+        // show that the injected rotations replace the drawn ones.
+        let first = layer.forward(x.clone(), None, 0, &with_rotations(1, rotations.clone())).unwrap();
+        let second = layer.forward(x, None, 0, &with_rotations(2, rotations)).unwrap();
+        assert_eq!(values(first), values(second));
+    }
+
+    #[test]
+    fn wrong_rotation_shape_is_rejected() {
+        let device = test_device();
+        let n_hashes = 4;
+        let layer = LshSelfAttention::new(&lsh_config(n_hashes, Some(NumBuckets::Single(4)), false), &device);
+        let x = random_tensor([1, 4 * CHUNK_LEN, D_MODEL], 7, &device);
+        for shape in [[N_HEADS, D_HEAD, n_hashes, 3], [N_HEADS, D_HEAD, n_hashes - 1, 2], [1, D_HEAD, n_hashes, 2]] {
+            let result = layer.forward(x.clone(), None, 0, &with_rotations(0, Rotations::random(shape, 8)));
+            assert!(
+                matches!(result, Err(InputError::Rotations { layer: 0, .. })),
+                "shape {shape:?}: expected a rotations error, got {:?}",
+                result.map(|out| out.dims())
+            );
+        }
+    }
+}

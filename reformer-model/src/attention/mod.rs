@@ -1,0 +1,132 @@
+//! Self-attention of the Reformer: LSH attention and local (chunked) attention, with the
+//! helpers they share.
+
+pub mod local;
+pub mod lsh;
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+/// Score given to a disallowed key (padding or, in a causal model, the future). It replaces
+/// the score instead of being added, as in Hugging Face's Reformer (transformers 5.25), so a
+/// row whose keys are all disallowed becomes a uniform average instead of NaN.
+pub const MASK_VALUE: f32 = -1e9;
+
+/// Score of a token's own key in LSH attention. With shared queries and keys a token's key
+/// is the best match for its own query, so it is only used when nothing else is allowed.
+/// Larger than [`MASK_VALUE`] so that a row with nothing else attends to itself.
+pub const SELF_MASK_VALUE: f32 = -1e5;
+
+/// Computes `log(sum(exp(x)))` over the last axis as `max + log(sum(exp(x - max)))`, keeping
+/// the axis.
+///
+/// The max-shifted form in f32 matters: rows that see only themselves have scores near -1e5,
+/// where a plain f32 exponential underflows to zero.
+pub fn logsumexp<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let max = x.clone().max_dim(D - 1).detach();
+    let shifted = (x - max.clone()).exp().sum_dim(D - 1).log();
+    max + shifted
+}
+
+/// Splits `[batch_size, seq_len, n_heads * d_head]` into `[batch_size, n_heads, seq_len, d_head]`.
+pub fn split_heads(x: Tensor<3>, n_heads: usize, d_head: usize) -> Tensor<4> {
+    let [batch_size, seq_len, _] = x.dims();
+    x.reshape([batch_size, seq_len, n_heads, d_head]) // [batch_size, seq_len, n_heads, d_head]
+        .swap_dims(1, 2) // [batch_size, n_heads, seq_len, d_head]
+}
+
+/// Merges `[batch_size, n_heads, seq_len, d_head]` into `[batch_size, seq_len, n_heads * d_head]`.
+pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+    let [batch_size, n_heads, seq_len, d_head] = x.dims();
+    x.swap_dims(1, 2) // [batch_size, seq_len, n_heads, d_head]
+        .reshape([batch_size, seq_len, n_heads * d_head])
+}
+
+/// Concatenates, for each chunk `m`, the chunks `m - before, ..., m, ..., m + after` along the
+/// row axis, with chunk indices taken modulo the number of chunks (the first chunk's
+/// predecessor is the last chunk).
+///
+/// # Shapes
+/// - `x`: `[rows, n_chunks, chunk_len, width]`
+/// - output: `[rows, n_chunks, (before + 1 + after) * chunk_len, width]`
+pub fn look_adjacent(x: Tensor<4>, before: usize, after: usize) -> Tensor<4> {
+    if before == 0 && after == 0 {
+        return x;
+    }
+    let [_, n_chunks, _, _] = x.dims();
+    let parts = (0..before + 1 + after)
+        .map(|slot| {
+            // out[m] = x[(m + offset) mod n_chunks], offset = slot - before.
+            let shift = (before as i64 - slot as i64).rem_euclid(n_chunks as i64);
+            if shift == 0 { x.clone() } else { x.clone().roll_dim(shift, 1) }
+        })
+        .collect();
+    Tensor::cat(parts, 2)
+}
+
+/// Returns the original positions that each chunk's window sees, by [`look_adjacent`]'s rule.
+///
+/// `positions[row][slot]` is the original position in sorted slot `slot`; the output is
+/// `[rows, n_chunks, window_len]` flattened.
+pub(crate) fn window_positions(
+    positions: &[u32],
+    rows: usize,
+    chunk_len: usize,
+    before: usize,
+    after: usize,
+) -> Vec<u32> {
+    let slots = positions.len() / rows;
+    let n_chunks = slots / chunk_len;
+    let window = (before + 1 + after) * chunk_len;
+    let mut out = Vec::with_capacity(rows * n_chunks * window);
+    for row in positions.chunks(slots) {
+        for m in 0..n_chunks {
+            for offset in -(before as i64)..=(after as i64) {
+                let chunk = (m as i64 + offset).rem_euclid(n_chunks as i64) as usize;
+                out.extend_from_slice(&row[chunk * chunk_len..(chunk + 1) * chunk_len]);
+            }
+        }
+    }
+    out
+}
+
+/// Builds a boolean tensor from host flags.
+pub(crate) fn bool_tensor<const D: usize>(flags: Vec<bool>, shape: [usize; D], device: &Device) -> Tensor<D, Bool> {
+    Tensor::from_data(TensorData::new(flags, shape), device)
+}
+
+/// Softmax by `exp(s - logsumexp(s))`, returning the probabilities and the logsumexp.
+pub(crate) fn softmax_with_lse<const D: usize>(scores: Tensor<D>) -> (Tensor<D>, Tensor<D>) {
+    let lse = logsumexp(scores.clone());
+    ((scores - lse.clone()).exp(), lse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, test_device, values};
+
+    #[test]
+    fn look_adjacent_wraps_around() {
+        let device = test_device();
+        // One row, three chunks of one element each: values 0, 1, 2.
+        let x = Tensor::<4>::from_data(TensorData::new(vec![0.0f32, 1.0, 2.0], [1, 3, 1, 1]), &device);
+        let out = look_adjacent(x, 1, 1);
+        assert_eq!(out.dims(), [1, 3, 3, 1]);
+        assert_eq!(values(out), vec![2.0, 0.0, 1.0, 0.0, 1.0, 2.0, 1.0, 2.0, 0.0]);
+    }
+
+    #[test]
+    fn window_positions_match_look_adjacent() {
+        let positions: Vec<u32> = vec![5, 6, 7, 8, 9, 10];
+        let out = window_positions(&positions, 1, 2, 1, 0);
+        assert_eq!(out, vec![9, 10, 5, 6, 5, 6, 7, 8, 7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn logsumexp_is_stable_near_self_mask() {
+        let device = test_device();
+        let x = Tensor::<2>::from_data(TensorData::new(vec![-1e5f32, -1e9, -1e9], [1, 3]), &device);
+        assert_close(&values(logsumexp(x)), &[-1e5], 1e-3);
+    }
+}

@@ -1,0 +1,28 @@
+//! Reformer (Kitaev, Kaiser and Levskaya, "Reformer: The Efficient Transformer", ICLR 2020)
+//! on Burn 0.22: LSH and local self-attention, reversible layers, chunked feed-forward, axial
+//! position embeddings and an LM head, computing what Hugging Face's `ReformerModelWithLMHead`
+//! and `ReformerForMaskedLM` compute (transformers 5.25).
+//!
+//! No module names a backend: the [`burn::prelude::Device`] passed to `new` picks it, and
+//! [`device::select_device`] maps a backend name to a device among those compiled in.
+
+pub mod attention;
+pub mod checkpoint;
+pub mod config;
+pub mod context;
+pub mod data;
+pub mod device;
+pub mod embeddings;
+pub mod error;
+pub mod feed_forward;
+mod init;
+pub mod loss;
+pub mod model;
+pub mod sampling;
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use config::{Activation, AttentionKind, NumBuckets, ReformerConfig};
+pub use context::{ForwardContext, KeyMask, Rotations};
+pub use error::{ConfigError, InputError};
+pub use model::ReformerLm;

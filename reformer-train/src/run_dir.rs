@@ -1,0 +1,176 @@
+//! The run directory: config, settings, metrics and crash-safe checkpoints.
+//!
+//! A checkpoint is written into `checkpoints/.tmp-step-N`, every file is synced, and the folder
+//! is renamed to `checkpoints/step-N`; only then is the previous checkpoint removed. A crash at
+//! any point leaves at least one complete checkpoint.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use reformer_model::ReformerConfig;
+use reformer_model::checkpoint::{CHECKPOINTS_DIR, latest_checkpoint};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::settings::TrainSettings;
+use crate::trainer::ExistingRun;
+
+/// File of per-step metrics, one JSON object a line.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// File of the training settings.
+pub const SETTINGS_FILE: &str = "train.json";
+/// File of the model config.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// Errors on the run directory.
+#[derive(Debug, thiserror::Error)]
+pub enum RunDirError {
+    /// The folder holds another run.
+    #[error("output folder {0} already holds a run; pass --resume to continue it, --force to delete it and start over, or choose another --out")]
+    Occupied(PathBuf),
+    /// `--resume` on a run with a different config or settings.
+    #[error("cannot resume {path}: its {file} differs from this run's ({detail}); resume with the same settings or use another --out")]
+    Mismatch {
+        /// Run directory.
+        path: PathBuf,
+        /// File that differs.
+        file: &'static str,
+        /// What differs.
+        detail: String,
+    },
+    /// A file could not be written.
+    #[error("failed to write {path}: {source}")]
+    Write {
+        /// The path.
+        path: PathBuf,
+        /// Underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A file is missing or unreadable.
+    #[error("failed to read {path}: {message}")]
+    Corrupt {
+        /// The path.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+}
+
+fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> RunDirError + '_ {
+    move |source| RunDirError::Write { path: path.to_path_buf(), source }
+}
+
+/// Prepares `run_dir` for a run and returns the checkpoint to resume from, if any.
+pub fn prepare(
+    run_dir: &Path,
+    config: &ReformerConfig,
+    settings: &TrainSettings,
+    existing: ExistingRun,
+) -> Result<Option<PathBuf>, RunDirError> {
+    let occupied = run_dir.join(CONFIG_FILE).exists() || run_dir.join(CHECKPOINTS_DIR).exists();
+    let mut resume_from = None;
+    if occupied {
+        match existing {
+            ExistingRun::Refuse => return Err(RunDirError::Occupied(run_dir.to_path_buf())),
+            ExistingRun::Overwrite => {
+                for name in [CONFIG_FILE, SETTINGS_FILE, METRICS_FILE, crate::plot::PLOT_FILE] {
+                    let path = run_dir.join(name);
+                    if path.exists() {
+                        fs::remove_file(&path).map_err(write_error(&path))?;
+                    }
+                }
+                let checkpoints = run_dir.join(CHECKPOINTS_DIR);
+                if checkpoints.exists() {
+                    fs::remove_dir_all(&checkpoints).map_err(write_error(&checkpoints))?;
+                }
+            }
+            ExistingRun::Resume => {
+                let saved: ReformerConfig = read_json(&run_dir.join(CONFIG_FILE))?;
+                if &saved != config {
+                    return Err(RunDirError::Mismatch {
+                        path: run_dir.to_path_buf(),
+                        file: CONFIG_FILE,
+                        detail: "model config".into(),
+                    });
+                }
+                let saved: TrainSettings = read_json(&run_dir.join(SETTINGS_FILE))?;
+                let comparable = TrainSettings { steps: settings.steps, device: settings.device.clone(), ..saved.clone() };
+                if &comparable != settings {
+                    return Err(RunDirError::Mismatch {
+                        path: run_dir.to_path_buf(),
+                        file: SETTINGS_FILE,
+                        detail: "only --steps and --device may change on resume".into(),
+                    });
+                }
+                resume_from = latest_checkpoint(run_dir).ok();
+            }
+        }
+    }
+    fs::create_dir_all(run_dir.join(CHECKPOINTS_DIR)).map_err(write_error(run_dir))?;
+    write_json_atomic(&run_dir.join(CONFIG_FILE), config)?;
+    write_json_atomic(&run_dir.join(SETTINGS_FILE), settings)?;
+    Ok(resume_from)
+}
+
+/// Reads a JSON file.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, RunDirError> {
+    let corrupt = |message: String| RunDirError::Corrupt { path: path.to_path_buf(), message };
+    let text = fs::read_to_string(path).map_err(|e| corrupt(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| corrupt(format!("invalid JSON: {e}")))
+}
+
+/// Writes a JSON file through a synced temporary file and a rename.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RunDirError> {
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_string_pretty(value).expect("value serialises");
+    let mut file = File::create(&tmp).map_err(write_error(&tmp))?;
+    file.write_all(text.as_bytes()).map_err(write_error(&tmp))?;
+    file.sync_all().map_err(write_error(&tmp))?;
+    fs::rename(&tmp, path).map_err(write_error(path))
+}
+
+/// Appends one line to `metrics.jsonl`.
+pub fn append_metric(run_dir: &Path, value: &serde_json::Value) -> Result<(), RunDirError> {
+    let path = run_dir.join(METRICS_FILE);
+    let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(write_error(&path))?;
+    writeln!(file, "{value}").map_err(write_error(&path))
+}
+
+/// Writes checkpoint `step` with `fill`, which writes the files into the folder it is given,
+/// then syncs and renames it into place and removes older checkpoints.
+pub fn write_checkpoint(
+    run_dir: &Path,
+    step: u64,
+    fill: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<PathBuf, RunDirError> {
+    let checkpoints = run_dir.join(CHECKPOINTS_DIR);
+    let name = format!("step-{step:08}");
+    let tmp = checkpoints.join(format!(".tmp-{name}"));
+    let target = checkpoints.join(&name);
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(write_error(&tmp))?;
+    }
+    fs::create_dir_all(&tmp).map_err(write_error(&tmp))?;
+    fill(&tmp).map_err(|message| RunDirError::Write { path: tmp.clone(), source: std::io::Error::other(message) })?;
+    for entry in fs::read_dir(&tmp).map_err(write_error(&tmp))? {
+        let path = entry.map_err(write_error(&tmp))?.path();
+        File::open(&path).and_then(|f| f.sync_all()).map_err(write_error(&path))?;
+    }
+    if target.exists() {
+        fs::remove_dir_all(&target).map_err(write_error(&target))?;
+    }
+    fs::rename(&tmp, &target).map_err(write_error(&target))?;
+    File::open(&checkpoints).and_then(|d| d.sync_all()).map_err(write_error(&checkpoints))?;
+
+    // The new checkpoint is complete: older ones can go.
+    for entry in fs::read_dir(&checkpoints).map_err(write_error(&checkpoints))?.flatten() {
+        let path = entry.path();
+        let file_name = entry.file_name();
+        let old = file_name.to_str().is_some_and(|n| n.starts_with("step-") && n < name.as_str());
+        if old {
+            fs::remove_dir_all(&path).map_err(write_error(&path))?;
+        }
+    }
+    Ok(target)
+}

@@ -1,0 +1,112 @@
+//! Training settings (saved as `train.json` in the run directory) and the built-in presets.
+
+use std::path::PathBuf;
+
+use reformer_model::{ConfigError, ReformerConfig};
+use serde::{Deserialize, Serialize};
+
+/// What the model is trained on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskSettings {
+    /// The duplication task `0 w 0 w` with symbols `1..n_symbols`.
+    Duplication {
+        /// Vocabulary of the task: symbols are `1..n_symbols`, 0 is the separator.
+        n_symbols: usize,
+    },
+    /// Byte-level language modelling on files.
+    Text {
+        /// Files and folders, read in order (folders recursively, sorted).
+        data: Vec<PathBuf>,
+    },
+}
+
+/// Everything that defines a training run besides the model config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Task and data.
+    pub task: TaskSettings,
+    /// Total optimizer steps; a resumed run continues up to this step.
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Peak learning rate of Adam.
+    pub lr: f64,
+    /// Steps of linear warm-up from 0 to `lr`; a cosine decay to `lr / 10` follows.
+    pub warmup_steps: u64,
+    /// Micro-batches whose gradients are summed into one optimizer step.
+    pub grad_accum: usize,
+    /// Seed of initialisation, data order, rotations and dropout.
+    pub seed: u64,
+    /// Backend name (`cpu`, `ndarray`, `flex`, `wgpu`).
+    pub device: String,
+    /// Per-parameter gradient-norm clipping threshold (0: off).
+    pub clip_norm: f32,
+    /// Steps between validations.
+    pub eval_every: u64,
+    /// Steps between checkpoints (the last step is always saved).
+    pub checkpoint_every: u64,
+}
+
+/// A built-in model config with its training defaults.
+#[derive(Clone, Debug)]
+pub struct Preset {
+    /// Name given to `--preset`.
+    pub name: &'static str,
+    /// The model config.
+    pub config: ReformerConfig,
+    /// Training defaults: `steps`, `batch_size`, `seq_len`, `lr`, `warmup_steps`.
+    pub steps: u64,
+    /// Default batch size.
+    pub batch_size: usize,
+    /// Default sequence length.
+    pub seq_len: usize,
+    /// Default peak learning rate.
+    pub lr: f64,
+    /// Default warm-up steps.
+    pub warmup_steps: u64,
+}
+
+/// Names of the built-in presets.
+pub const PRESET_NAMES: [&str; 2] = ["duplication", "text"];
+
+/// Returns a built-in preset by name.
+pub fn preset(name: &str) -> Result<Preset, ConfigError> {
+    let (text, steps, batch_size, seq_len, lr, warmup_steps) = match name {
+        "duplication" => (include_str!("../../assets/presets/duplication.json"), 1000, 16, 128, 1e-3, 100),
+        "text" => (include_str!("../../assets/presets/text.json"), 2000, 8, 512, 5e-4, 100),
+        other => {
+            return Err(ConfigError::Invalid {
+                field: "preset",
+                value: other.to_string(),
+                fix: format!("use one of {PRESET_NAMES:?}"),
+            });
+        }
+    };
+    let config = ReformerConfig::from_json_str(text)?;
+    let name = PRESET_NAMES.into_iter().find(|n| *n == name).expect("matched above");
+    Ok(Preset { name, config, steps, batch_size, seq_len, lr, warmup_steps })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_parse_and_validate() {
+        for name in PRESET_NAMES {
+            let preset = preset(name).unwrap();
+            assert!(preset.seq_len <= preset.config.max_seq_len(), "{name}");
+            preset.config.validate_causal_lm().unwrap();
+        }
+    }
+
+    #[test]
+    fn unknown_preset_is_named() {
+        let error = preset("bogus").unwrap_err().to_string();
+        assert!(error.contains("bogus") && error.contains("duplication"), "{error}");
+    }
+}
