@@ -141,7 +141,8 @@ pub struct ReformerConfig {
     /// Inner width `d_ff` of the feed-forward block.
     #[serde(default = "defaults::feed_forward_size")]
     pub feed_forward_size: usize,
-    /// Feed-forward slice length along the sequence (0: one slice); it changes memory, not results.
+    /// Feed-forward slice length along the sequence (0: one slice). It changes memory, not
+    /// results, in evaluation; in training each slice draws its own dropout mask.
     #[serde(default)]
     pub chunk_size_feed_forward: usize,
     /// Feed-forward activation.

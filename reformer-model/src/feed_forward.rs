@@ -43,7 +43,8 @@ impl FeedForward {
     }
 
     /// Runs the block, in slices of `chunk_size` positions when it is set: slicing bounds the
-    /// `[batch_size, chunk_size, d_ff]` activation without changing the result.
+    /// `[batch_size, chunk_size, d_ff]` activation without changing the result in evaluation.
+    /// In training each slice draws its own dropout mask.
     ///
     /// # Shapes
     /// - `x`: `[batch_size, seq_len, d_model]`

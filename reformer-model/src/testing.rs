@@ -12,7 +12,7 @@ pub fn test_device() -> Device {
 }
 
 /// Returns a tensor of standard-normal values drawn from a host generator seeded with `seed`,
-/// so that a test sees the same numbers on every run and backend.
+/// so that a test gets the same numbers on every run and backend.
 pub fn random_tensor<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
     let mut rng = StdRng::seed_from_u64(seed);
     let count = shape.iter().product();

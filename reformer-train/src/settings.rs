@@ -76,7 +76,7 @@ pub const PRESET_NAMES: [&str; 2] = ["duplication", "text"];
 /// Returns a built-in preset by name.
 pub fn preset(name: &str) -> Result<Preset, ConfigError> {
     let (text, steps, batch_size, seq_len, lr, warmup_steps) = match name {
-        "duplication" => (include_str!("../../assets/presets/duplication.json"), 1000, 16, 128, 1e-3, 100),
+        "duplication" => (include_str!("../../assets/presets/duplication.json"), 600, 16, 64, 2e-3, 100),
         "text" => (include_str!("../../assets/presets/text.json"), 2000, 8, 512, 5e-4, 100),
         other => {
             return Err(ConfigError::Invalid {

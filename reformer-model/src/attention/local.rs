@@ -221,12 +221,12 @@ mod tests {
     fn causal_output_ignores_later_positions() {
         let device = test_device();
         let layer = LocalSelfAttention::new(&local_config(8, true), &device);
-        let (seq_len, last_kept) = (32, 13);
+        let (seq_len, last_unchanged) = (32, 13);
         let x = random_tensor([1, seq_len, D_MODEL], 1, &device);
         let changed = Tensor::cat(
             vec![
-                x.clone().slice([0..1, 0..last_kept + 1]),
-                random_tensor([1, seq_len - last_kept - 1, D_MODEL], 2, &device),
+                x.clone().slice([0..1, 0..last_unchanged + 1]),
+                random_tensor([1, seq_len - last_unchanged - 1, D_MODEL], 2, &device),
             ],
             1,
         );
@@ -234,10 +234,13 @@ mod tests {
         let out = layer.forward(x, None, 0, &ctx);
         let out_changed = layer.forward(changed, None, 0, &ctx);
 
-        let kept = |t: Tensor<3>| values(t.slice([0..1, 0..last_kept + 1]));
-        let later = |t: Tensor<3>| values(t.slice([0..1, last_kept + 1..seq_len]));
+        let prefix = |t: Tensor<3>| values(t.slice([0..1, 0..last_unchanged + 1]));
+        let suffix = |t: Tensor<3>| values(t.slice([0..1, last_unchanged + 1..seq_len]));
         // The change must reach later outputs, or the check below proves nothing.
-        assert!(max_abs_diff(&later(out.clone()), &later(out_changed.clone())) > 1e-3);
-        assert_close(&kept(out), &kept(out_changed), 1e-6);
+        assert!(
+            max_abs_diff(&suffix(out.clone()), &suffix(out_changed.clone())) > 1e-3,
+            "changing the input after position {last_unchanged} left the later outputs unchanged"
+        );
+        assert_close(&prefix(out), &prefix(out_changed), 1e-6);
     }
 }

@@ -451,7 +451,7 @@ mod tests {
     }
 
     /// Builds a `[batch_size, n_heads, seq_len, seq_len]` mask that is `true` where
-    /// `fill(query, key)` holds.
+    /// `fill(query, key)` returns true.
     fn pair_mask(
         shape: [usize; 4],
         fill: impl Fn(usize, usize) -> bool,
@@ -467,9 +467,10 @@ mod tests {
         Tensor::from_data(TensorData::new(flags, shape), device)
     }
 
-    /// Computes exact shared-QK attention with plain tensor ops from the layer's weights:
-    /// query `qk`, key `qk / sqrt(mean(qk^2) + 1e-6) / sqrt(d_head)`; when `causal`, scores of
-    /// later keys are replaced by -1e9; then the own key's score is replaced by -1e5.
+    /// Computes exact shared-QK attention with plain tensor ops from the layer's weights.
+    /// The query is `qk` and the key `qk / sqrt(mean(qk^2) + 1e-6) / sqrt(d_head)`. When
+    /// `causal`, scores of later keys are replaced by -1e9. Then the own key's score is
+    /// replaced by -1e5.
     fn exact_shared_qk(layer: &LshSelfAttention, x: Tensor<3>, causal: bool) -> Tensor<3> {
         let [batch_size, seq_len, d_model] = x.dims();
         let device = x.device();
@@ -521,7 +522,7 @@ mod tests {
     #[test]
     fn two_chunks_equal_exact_attention() {
         // With two chunks, one round and one chunk of look-back (wrapping around), every query
-        // sees every key exactly once, whatever the buckets are.
+        // attends to every key exactly once, whatever the buckets are.
         let device = test_device();
         let layer = LshSelfAttention::new(&lsh_config(1, None, false), &device);
         let x = random_tensor([2, 2 * CHUNK_LEN, D_MODEL], 1, &device);
