@@ -21,7 +21,7 @@ use serde_json::json;
 
 /// Run a trained Reformer: generate text, score files, evaluate the duplication task.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, allow_negative_numbers = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -132,6 +132,9 @@ struct RunInfo {
 }
 
 fn run_info(run: &Path) -> anyhow::Result<RunInfo> {
+    if !run.is_dir() {
+        bail!("run directory {} not found; pass the --out folder of a reformer-train run", run.display());
+    }
     let path = run.join("train.json");
     if !path.exists() {
         return Ok(RunInfo { tokens: Tokens::Bytes, duplication_seq_len: None, n_symbols: None });
@@ -283,6 +286,9 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
             // One token is one byte in a byte-level model.
             totals.bytes += scored;
         }
+        if totals.tokens == 0 {
+            bail!("{} has {} bytes, too few to score: a file needs at least 2 bytes", file.display(), bytes.len());
+        }
         print_score(Some(file), &totals, args.json);
         total.add(&totals);
     }
@@ -342,6 +348,6 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         counted += n;
     }
     let hashes = args.num_hashes.unwrap_or(model.config().num_hashes);
-    println!("second-copy accuracy: {:.2}% ({correct}/{counted} tokens, {hashes} hash rounds)", 100.0 * correct as f64 / counted.max(1) as f64);
+    println!("second-copy accuracy: {:.2}% ({correct}/{counted} tokens, hash rounds: {hashes})", 100.0 * correct as f64 / counted.max(1) as f64);
     Ok(())
 }

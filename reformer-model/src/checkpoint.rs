@@ -25,7 +25,7 @@ pub const CHECKPOINTS_DIR: &str = "checkpoints";
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// The run directory has no config.
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigError),
     /// No complete checkpoint exists.
     #[error("no complete checkpoint in {0}/checkpoints; train first with reformer-train --out {0}")]
@@ -41,7 +41,7 @@ pub enum CheckpointError {
         message: String,
     },
     /// An I/O error on the run directory.
-    #[error("failed to read {path}: {source}")]
+    #[error("failed to read {path}")]
     Io {
         /// The path.
         path: PathBuf,

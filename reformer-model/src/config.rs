@@ -256,7 +256,14 @@ impl Default for ReformerConfig {
 impl ReformerConfig {
     /// Parses a config from JSON text and validates it.
     pub fn from_json_str(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = serde_json::from_str(text).map_err(ConfigError::from_serde)?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(ConfigError::from_serde)?;
+        if !value.is_object() {
+            return Err(ConfigError::Json {
+                location: None,
+                message: "expected a JSON object with ReformerConfig fields".into(),
+            });
+        }
+        let config: Self = serde_json::from_value(value).map_err(ConfigError::from_serde)?;
         config.validate()?;
         Ok(config)
     }

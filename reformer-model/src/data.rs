@@ -70,7 +70,7 @@ impl DuplicationTask {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A path could not be read.
-    #[error("failed to read data path {path}: {source}")]
+    #[error("failed to read data path {path}")]
     Read {
         /// The path.
         path: PathBuf,

@@ -33,7 +33,7 @@ pub fn default_cpu_backend() -> Option<&'static str> {
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// The name is not a compiled backend.
-    #[error("device `{name}` is not available: this build has {compiled}; rebuild with `--features {name}` or pick one of those")]
+    #[error("invalid --device {name}: this build has cpu, {compiled}; pick one of those (wgpu needs a build with `--features wgpu`)")]
     NotCompiled {
         /// The requested name.
         name: String,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file could not be read.
-    #[error("failed to read config {path}: {source}")]
+    #[error("failed to read config {path}")]
     Read {
         /// File that failed.
         path: PathBuf,

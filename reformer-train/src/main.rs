@@ -8,12 +8,12 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use reformer_model::ReformerConfig;
-use reformer_train::settings::{TaskSettings, TrainSettings, preset};
+use reformer_train::settings::{PRESET_NAMES, TaskSettings, TrainSettings, preset};
 use reformer_train::trainer::{ExistingRun, TrainEvent, train};
 
 /// Train a Reformer language model.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, allow_negative_numbers = true)]
 struct Args {
     /// Model config file (JSON, Hugging Face ReformerConfig field names); unknown fields are
     /// an error.
@@ -87,7 +87,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         (None, true) => "duplication".to_string(),
         (None, false) => "text".to_string(),
     };
-    let defaults = preset(&preset_name)?;
+    let defaults = preset(&preset_name)
+        .map_err(|_| anyhow::anyhow!("invalid --preset {preset_name}: use one of {}", PRESET_NAMES.join(", ")))?;
     let config = match &args.config {
         Some(path) => ReformerConfig::load(path)?,
         None => defaults.config.clone(),
@@ -198,7 +199,6 @@ fn utc_timestamp(seconds: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reformer_train::settings::PRESET_NAMES;
 
     #[test]
     fn timestamp_formats_known_date() {

@@ -40,7 +40,7 @@ pub enum RunDirError {
         detail: String,
     },
     /// A file could not be written.
-    #[error("failed to write {path}: {source}")]
+    #[error("failed to write {path}")]
     Write {
         /// The path.
         path: PathBuf,
@@ -128,6 +128,28 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), Run
     file.write_all(text.as_bytes()).map_err(write_error(&tmp))?;
     file.sync_all().map_err(write_error(&tmp))?;
     fs::rename(&tmp, path).map_err(write_error(path))
+}
+
+/// Removes the lines of `metrics.jsonl` logged after step `step`, so that a resumed run does
+/// not log the steps between its checkpoint and the interruption twice.
+pub fn trim_metrics(run_dir: &Path, step: u64) -> Result<(), RunDirError> {
+    let path = run_dir.join(METRICS_FILE);
+    let Ok(text) = fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|value| value["step"].as_u64())
+                .is_some_and(|logged| logged <= step)
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    fs::write(&tmp, kept).map_err(write_error(&tmp))?;
+    fs::rename(&tmp, &path).map_err(write_error(&path))
 }
 
 /// Appends one line to `metrics.jsonl`.

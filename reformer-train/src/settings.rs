@@ -80,9 +80,9 @@ pub fn preset(name: &str) -> Result<Preset, ConfigError> {
         "text" => (include_str!("../../assets/presets/text.json"), 2000, 8, 512, 5e-4, 100),
         other => {
             return Err(ConfigError::Invalid {
-                field: "preset",
+                field: "--preset",
                 value: other.to_string(),
-                fix: format!("use one of {PRESET_NAMES:?}"),
+                fix: format!("use one of {}", PRESET_NAMES.join(", ")),
             });
         }
     };

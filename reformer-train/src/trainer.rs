@@ -290,8 +290,8 @@ pub fn train(
 ) -> Result<TrainSummary, TrainError> {
     check_settings(config, settings)?;
     let device = select_device(&settings.device).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    let resume_from = run_dir::prepare(run_dir, config, settings, existing)?;
     let task = TaskData::load(settings, config)?;
+    let resume_from = run_dir::prepare(run_dir, config, settings, existing)?;
 
     let ad_device = device.clone().autodiff();
     let clipping = (settings.clip_norm > 0.0).then_some(GradientClippingConfig::Norm(settings.clip_norm));
@@ -307,6 +307,15 @@ pub fn train(
             .load(checkpoint.join(OPTIMIZER_FILE))
             .map_err(|e| RunDirError::Corrupt { path: checkpoint.join(OPTIMIZER_FILE), message: e.to_string() })?;
         step = state.step;
+        if step > settings.steps {
+            return Err(TrainError::Invalid(format!(
+                "invalid --steps {}: the run in {} is already at step {step}; pass --steps {step} or more to resume it",
+                settings.steps,
+                run_dir.display()
+            )));
+        }
+        // Metrics logged after this checkpoint belong to the interrupted attempt.
+        run_dir::trim_metrics(run_dir, step)?;
     }
 
     observe(TrainEvent::Started { start_step: step, total_steps: settings.steps, parameters: model.num_params() });
