@@ -103,6 +103,8 @@ impl LshSelfAttention {
     }
 
     /// Returns the bucket layout used at padded length `seq_len`.
+    // NOTE: with `num_buckets: null` this is recomputed at every call, whereas Hugging Face
+    // stores the value from its first call, so later calls of another length can differ.
     pub fn buckets_for(&self, seq_len: usize) -> NumBuckets {
         let s = &self.settings;
         s.num_buckets
