@@ -37,3 +37,19 @@ pub fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32) {
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
 }
+
+/// Asserts that outputs `[1, seq_len, width]` of an original and a changed input agree on
+/// positions `0..=last_unchanged` (to 1e-6) and differ after it (by more than `min_change`).
+///
+/// The second check makes the first meaningful: a change that reaches no later output would
+/// pass the first check whether or not the model is causal.
+pub fn assert_causal_prefix(original: Tensor<3>, changed: Tensor<3>, last_unchanged: usize, min_change: f32) {
+    let [_, seq_len, _] = original.dims();
+    let prefix = |t: Tensor<3>| values(t.slice([0..1, 0..last_unchanged + 1]));
+    let suffix = |t: Tensor<3>| values(t.slice([0..1, last_unchanged + 1..seq_len]));
+    assert!(
+        max_abs_diff(&suffix(original.clone()), &suffix(changed.clone())) > min_change,
+        "changing the input after position {last_unchanged} left the later outputs unchanged"
+    );
+    assert_close(&prefix(original), &prefix(changed), 1e-6);
+}
