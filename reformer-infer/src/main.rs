@@ -12,11 +12,13 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use reformer_model::checkpoint::load_run_model;
-use reformer_model::data::{DuplicationTask, bytes_to_ids};
+use reformer_model::data::{DuplicationTask, bytes_to_ids, ids_to_bytes};
 use reformer_model::device::select_device;
-use reformer_model::loss::{shift_for_causal_lm, weighted_accuracy, weighted_cross_entropy};
+use reformer_model::loss::{causal_lm_outputs, weighted_accuracy, weighted_cross_entropy};
 use reformer_model::sampling::SamplingPolicy;
 use reformer_model::{ForwardContext, ReformerLm};
+use reformer_train::run_dir::{SETTINGS_FILE, read_json};
+use reformer_train::settings::{TaskSettings, TrainSettings};
 use serde_json::json;
 
 /// Run a trained Reformer: generate text, score files, evaluate the duplication task.
@@ -115,42 +117,21 @@ fn main() -> ExitCode {
     }
 }
 
-/// How a run turns text into tokens, read from its `train.json`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Tokens {
-    /// Bytes, id = byte + 2.
-    Bytes,
-    /// Space-separated integer ids (the duplication task).
-    Ids,
-}
-
-/// The duplication settings of a run, when it is one.
-struct RunInfo {
-    tokens: Tokens,
-    duplication_seq_len: Option<usize>,
-    n_symbols: Option<usize>,
-}
-
-fn run_info(run: &Path) -> anyhow::Result<RunInfo> {
+/// Returns the duplication task a run was trained on, or `None` for a byte-level run. A run
+/// directory without `train.json` (one not written by reformer-train) counts as byte-level.
+fn duplication_task(run: &Path) -> anyhow::Result<Option<DuplicationTask>> {
     if !run.is_dir() {
         bail!("run directory {} not found; pass the --out folder of a reformer-train run", run.display());
     }
-    let path = run.join("train.json");
+    let path = run.join(SETTINGS_FILE);
     if !path.exists() {
-        return Ok(RunInfo { tokens: Tokens::Bytes, duplication_seq_len: None, n_symbols: None });
+        return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("failed to read {}", path.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("invalid JSON in {}", path.display()))?;
-    if value["task"]["kind"] == "duplication" {
-        Ok(RunInfo {
-            tokens: Tokens::Ids,
-            duplication_seq_len: value["seq_len"].as_u64().map(|n| n as usize),
-            n_symbols: value["task"]["n_symbols"].as_u64().map(|n| n as usize),
-        })
-    } else {
-        Ok(RunInfo { tokens: Tokens::Bytes, duplication_seq_len: None, n_symbols: None })
-    }
+    let settings: TrainSettings = read_json(&path)?;
+    Ok(match settings.task {
+        TaskSettings::Duplication { n_symbols } => Some(DuplicationTask::for_seq_len(settings.seq_len, n_symbols)),
+        TaskSettings::Text { .. } => None,
+    })
 }
 
 fn load(common: &CommonArgs) -> anyhow::Result<(ReformerLm, Device)> {
@@ -165,7 +146,7 @@ fn ids_tensor(ids: &[i64], device: &Device) -> Tensor<2, Int> {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let info = run_info(&args.common.run)?;
+    let duplication = duplication_task(&args.common.run)?.is_some();
     let (model, device) = load(&args.common)?;
     let config = model.config().clone();
     if !config.is_decoder {
@@ -177,9 +158,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("invalid --top-p {}: use a probability in (0, 1]", args.top_p);
     }
-    let mut ids = match info.tokens {
-        Tokens::Bytes => bytes_to_ids(args.prompt.as_bytes()),
-        Tokens::Ids => parse_ids(&args.prompt, config.vocab_size)?,
+    let mut ids = if duplication {
+        parse_ids(&args.prompt, config.vocab_size)?
+    } else {
+        bytes_to_ids(args.prompt.as_bytes())
     };
     if ids.is_empty() {
         bail!("the prompt is empty: give at least one token with --prompt");
@@ -201,12 +183,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             .context("failed to read logits")?;
         let next = policy.sample(&last, &mut rng) as i64;
         ids.push(next);
-        match info.tokens {
-            Tokens::Bytes => {
-                let bytes = reformer_model::data::ids_to_bytes(&[next]);
-                stdout.write_all(&bytes)?;
-            }
-            Tokens::Ids => write!(stdout, "{next} ")?,
+        if duplication {
+            write!(stdout, "{next} ")?;
+        } else {
+            stdout.write_all(&ids_to_bytes(&[next]))?;
         }
         stdout.flush()?;
         if config.eos_token_id == Some(next as usize) {
@@ -260,8 +240,7 @@ impl ScoreTotals {
 }
 
 fn score(args: ScoreArgs) -> anyhow::Result<()> {
-    let info = run_info(&args.common.run)?;
-    if info.tokens != Tokens::Bytes {
+    if duplication_task(&args.common.run)?.is_some() {
         bail!("run {} is a duplication-task run, which scores no text; use `eval`", args.common.run.display());
     }
     let (model, device) = load(&args.common)?;
@@ -277,8 +256,7 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
         for chunk in ids.chunks(window).filter(|c| c.len() >= 2) {
             let input = ids_tensor(chunk, &device);
             let weights = Tensor::<2>::ones([1, chunk.len()], &device);
-            let logits = model.forward(input.clone(), None, &ctx)?;
-            let (logits, targets, weights) = shift_for_causal_lm(logits, input, weights);
+            let (logits, targets, weights) = causal_lm_outputs(&model, input, weights, &ctx)?;
             let loss = weighted_cross_entropy(logits, targets, weights).into_scalar::<f32>() as f64;
             let scored = chunk.len() - 1;
             totals.nats += loss * scored as f64;
@@ -319,8 +297,7 @@ fn print_score(file: Option<&PathBuf>, totals: &ScoreTotals, as_json: bool) {
 }
 
 fn eval(args: EvalArgs) -> anyhow::Result<()> {
-    let info = run_info(&args.common.run)?;
-    let (Some(seq_len), Some(n_symbols)) = (info.duplication_seq_len, info.n_symbols) else {
+    let Some(task) = duplication_task(&args.common.run)? else {
         bail!("run {} is not a duplication-task run; `eval` measures second-copy accuracy, use `score` for text", args.common.run.display());
     };
     if args.num_hashes == Some(0) {
@@ -330,7 +307,6 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         bail!("invalid --batches {} / --batch-size {}: use positive numbers", args.batches, args.batch_size);
     }
     let (model, device) = load(&args.common)?;
-    let task = DuplicationTask::for_seq_len(seq_len, n_symbols);
     let mut ctx = ForwardContext::eval(args.common.seed);
     ctx.num_hashes = args.num_hashes;
     let mut rng = StdRng::seed_from_u64(args.common.seed);
@@ -338,11 +314,8 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let mut counted = 0;
     for _ in 0..args.batches {
         let batch = task.sample(args.batch_size, &mut rng);
-        let shape = [batch.batch_size, batch.seq_len];
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(batch.ids.clone(), shape), &device);
-        let weights = Tensor::<2>::from_data(TensorData::new(batch.weights.clone(), shape), &device);
-        let logits = model.forward(ids.clone(), None, &ctx)?;
-        let (logits, targets, weights) = shift_for_causal_lm(logits, ids, weights);
+        let (ids, weights) = batch.to_tensors(&device);
+        let (logits, targets, weights) = causal_lm_outputs(&model, ids, weights, &ctx)?;
         let (c, n) = weighted_accuracy(logits, targets, weights);
         correct += c;
         counted += n;

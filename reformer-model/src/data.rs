@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::prelude::*;
+use burn::tensor::TensorData;
 use rand::Rng;
 
 /// Offset of byte ids: id = byte + 2, with 0 the padding id and 1 unused, as in Hugging
@@ -22,6 +24,17 @@ pub struct Batch {
     pub batch_size: usize,
     /// Columns.
     pub seq_len: usize,
+}
+
+impl Batch {
+    /// Copies the batch to `device` as `(ids, weights)`, both `[batch_size, seq_len]`.
+    pub fn to_tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2>) {
+        let shape = [self.batch_size, self.seq_len];
+        (
+            Tensor::from_data(TensorData::new(self.ids.clone(), shape), device),
+            Tensor::from_data(TensorData::new(self.weights.clone(), shape), device),
+        )
+    }
 }
 
 /// The duplication task (Kitaev et al. 2020, section 5): sequences `0 w 0 w` where `w` is

@@ -3,6 +3,10 @@
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 
+use crate::context::ForwardContext;
+use crate::error::InputError;
+use crate::model::ReformerLm;
+
 /// Mean cross-entropy over the positions whose weight is non-zero, in nats.
 ///
 /// Weights select the scored positions (padding and, in the duplication task, the first copy
@@ -37,6 +41,22 @@ pub fn shift_for_causal_lm(logits: Tensor<3>, ids: Tensor<2, Int>, weights: Tens
         ids.slice([0..batch_size, 1..seq_len]),
         weights.slice([0..batch_size, 1..seq_len]),
     )
+}
+
+/// Runs a causal language model on `ids` and returns its logits with the targets and
+/// weights, shifted by [`shift_for_causal_lm`].
+///
+/// # Shapes
+/// - `ids`, `weights`: `[batch_size, seq_len]`
+/// - outputs: `[batch_size, seq_len - 1, vocab_size]`, `[batch_size, seq_len - 1]` twice
+pub fn causal_lm_outputs(
+    model: &ReformerLm,
+    ids: Tensor<2, Int>,
+    weights: Tensor<2>,
+    ctx: &ForwardContext,
+) -> Result<(Tensor<3>, Tensor<2, Int>, Tensor<2>), InputError> {
+    let logits = model.forward(ids.clone(), None, ctx)?;
+    Ok(shift_for_causal_lm(logits, ids, weights))
 }
 
 /// Counts correct argmax predictions among positions with non-zero weight; returns

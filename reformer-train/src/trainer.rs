@@ -7,14 +7,13 @@ use std::time::Instant;
 use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::prelude::*;
-use burn::tensor::TensorData;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use reformer_model::checkpoint::{self, MODEL_FILE, STATE_FILE};
 use reformer_model::context::mix_seed;
 use reformer_model::data::{Batch, ByteCorpus, DuplicationTask};
 use reformer_model::device::select_device;
-use reformer_model::loss::{shift_for_causal_lm, weighted_accuracy, weighted_cross_entropy};
+use reformer_model::loss::{causal_lm_outputs, weighted_accuracy, weighted_cross_entropy};
 use reformer_model::{ForwardContext, ReformerConfig, ReformerLm};
 use serde::{Deserialize, Serialize};
 
@@ -194,15 +193,6 @@ pub fn learning_rate(settings: &TrainSettings, step: u64) -> f64 {
     floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
-/// Converts a host batch to tensors on `device`: ids, target weights.
-pub fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2>) {
-    let shape = [batch.batch_size, batch.seq_len];
-    (
-        Tensor::from_data(TensorData::new(batch.ids.clone(), shape), device),
-        Tensor::from_data(TensorData::new(batch.weights.clone(), shape), device),
-    )
-}
-
 /// Computes the causal LM loss of a batch (and the accuracy counts when `with_accuracy`).
 pub fn batch_loss(
     model: &ReformerLm,
@@ -211,9 +201,8 @@ pub fn batch_loss(
     device: &Device,
     with_accuracy: bool,
 ) -> Result<(Tensor<1>, Option<(usize, usize)>), TrainError> {
-    let (ids, weights) = batch_tensors(batch, device);
-    let logits = model.forward(ids.clone(), None, ctx)?;
-    let (logits, targets, weights) = shift_for_causal_lm(logits, ids, weights);
+    let (ids, weights) = batch.to_tensors(device);
+    let (logits, targets, weights) = causal_lm_outputs(model, ids, weights, ctx)?;
     let accuracy = with_accuracy.then(|| weighted_accuracy(logits.clone(), targets.clone(), weights.clone()));
     Ok((weighted_cross_entropy(logits, targets, weights), accuracy))
 }
