@@ -150,7 +150,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let (model, device) = load(&args.common)?;
     let config = model.config().clone();
     if !config.is_decoder {
-        bail!("run {} holds a bidirectional (masked-LM) model, which cannot generate left to right; use `score` instead", args.common.run.display());
+        bail!("run {} contains a bidirectional (masked-LM) model, which cannot generate left to right; use `score` instead", args.common.run.display());
     }
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!("invalid --temperature {}: use 0 (greedy) or a positive number", args.temperature);
@@ -173,7 +173,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
 
     for _ in 0..args.max_new_tokens {
-        // The model sees at most its maximum length: keep the most recent tokens.
+        // The model accepts at most its maximum length, so only the most recent tokens go in.
         let window = &ids[ids.len().saturating_sub(max_len)..];
         let logits = model.forward(ids_tensor(window, &device), None, &ctx)?;
         let [_, seq_len, vocab_size] = logits.dims();
@@ -306,20 +306,23 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     if args.batches == 0 || args.batch_size == 0 {
         bail!("invalid --batches {} / --batch-size {}: use positive numbers", args.batches, args.batch_size);
     }
+
     let (model, device) = load(&args.common)?;
     let mut ctx = ForwardContext::eval(args.common.seed);
     ctx.num_hashes = args.num_hashes;
     let mut rng = StdRng::seed_from_u64(args.common.seed);
+
     let mut correct = 0;
     let mut counted = 0;
     for _ in 0..args.batches {
         let batch = task.sample(args.batch_size, &mut rng);
         let (ids, weights) = batch.to_tensors(&device);
         let (logits, targets, weights) = causal_lm_outputs(&model, ids, weights, &ctx)?;
-        let (c, n) = weighted_accuracy(logits, targets, weights);
-        correct += c;
-        counted += n;
+        let (batch_correct, batch_counted) = weighted_accuracy(logits, targets, weights);
+        correct += batch_correct;
+        counted += batch_counted;
     }
+
     let hashes = args.num_hashes.unwrap_or(model.config().num_hashes);
     println!("second-copy accuracy: {:.2}% ({correct}/{counted} tokens, hash rounds: {hashes})", 100.0 * correct as f64 / counted.max(1) as f64);
     Ok(())

@@ -1,6 +1,6 @@
 //! Saving and loading model weights (burnpack) and finding checkpoints in a run directory.
 //!
-//! A run directory holds `config.json` and `checkpoints/step-NNNNNNNN/` folders, each with
+//! A run directory contains `config.json` and `checkpoints/step-NNNNNNNN/` folders, each with
 //! `model.bpk`, `optimizer.bpk` and `state.json`. A checkpoint folder is complete once it has
 //! `state.json`, which is written last.
 

@@ -13,7 +13,7 @@ use crate::error::ConfigError;
 pub enum AttentionKind {
     /// Locality-sensitive-hashing attention with shared queries and keys.
     Lsh,
-    /// Chunked local attention: each chunk sees itself and its neighbours.
+    /// Chunked local attention: each chunk attends to itself and its neighbours.
     Local,
 }
 
@@ -135,7 +135,7 @@ pub struct ReformerConfig {
     /// Feature split `[d0, d1]` of the axial embeddings; it must sum to `hidden_size`.
     #[serde(default = "defaults::axial_pos_embds_dim")]
     pub axial_pos_embds_dim: Vec<usize>,
-    /// Longest sequence the model accepts.
+    /// Maximum sequence length the model accepts.
     #[serde(default = "defaults::max_position_embeddings")]
     pub max_position_embeddings: usize,
     /// Inner width `d_ff` of the feed-forward block.

@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 
-/// Where in a layer a random draw happens; part of the seed so that each site gets its own
+/// Site of a random draw within a layer. It is part of the seed, so each site gets its own
 /// stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RandomSite {
@@ -234,8 +234,8 @@ mod tests {
     #[test]
     fn dropout_mask_keeps_expected_fraction() {
         let mask = bernoulli_keep_mask(10_000, 0.25, 7);
-        let kept = mask.iter().filter(|&&m| m > 0.0).count();
-        assert!((7000..8000).contains(&kept), "kept {kept}");
+        let kept_count = mask.iter().filter(|&&m| m > 0.0).count();
+        assert!((7000..8000).contains(&kept_count), "kept {kept_count} of 10000");
         assert!(mask.iter().all(|&m| m == 0.0 || (m - 4.0 / 3.0).abs() < 1e-6));
     }
 }

@@ -38,8 +38,8 @@ impl Batch {
 }
 
 /// The duplication task (Kitaev et al. 2020, section 5): sequences `0 w 0 w` where `w` is
-/// drawn uniformly from symbols `1..n_symbols`; only the second copy of `w` is scored, since
-/// the first copy is random and cannot be predicted.
+/// drawn uniformly from symbols `1..n_symbols`. Only the second copy of `w` is scored,
+/// because the first copy is random and cannot be predicted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DuplicationTask {
     /// Length of `w`; the sequence length is `2 * (word_len + 1)`.
@@ -90,7 +90,7 @@ pub enum DataError {
         /// Underlying I/O error.
         source: std::io::Error,
     },
-    /// A directory holds no files.
+    /// A directory contains no files.
     #[error("data directory {0} contains no files; point --data at a file or a folder with files")]
     EmptyDirectory(PathBuf),
     /// Too little data for one training sequence plus validation.

@@ -28,7 +28,7 @@ pub enum ConfigError {
         field: &'static str,
         /// The rejected value.
         value: String,
-        /// What is wrong and how to fix it.
+        /// Reason and fix.
         fix: String,
     },
 }
@@ -103,7 +103,7 @@ pub enum InputError {
     Rotations {
         /// Index of the layer in `attn_layers`.
         layer: usize,
-        /// What does not fit.
+        /// Description of the mismatch.
         reason: String,
     },
 }

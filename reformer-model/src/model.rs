@@ -157,7 +157,7 @@ impl ReformerLm {
     /// Inputs longer than the shortest chunk whose length is not a multiple of the chunk
     /// lengths are padded on the right to one, with the padding masked out as keys, and the
     /// logits are cropped back. Unlike Hugging Face, which only pads in evaluation, this also
-    /// holds in training.
+    /// applies in training.
     ///
     /// # Shapes
     /// - `ids`: `[batch_size, seq_len]`

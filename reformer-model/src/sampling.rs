@@ -2,7 +2,7 @@
 
 use rand::Rng;
 
-/// How the next token is chosen from the logits.
+/// Policy for choosing the next token from the logits.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingPolicy {
     /// Softmax temperature; 0 means greedy (argmax).
@@ -25,11 +25,14 @@ impl SamplingPolicy {
         if self.temperature <= 0.0 {
             return argmax(logits);
         }
+
+        // Candidates by descending logit, cut to the top k.
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         if self.top_k > 0 {
             order.truncate(self.top_k);
         }
+
         let max = logits[order[0]] as f64;
         let mut probs: Vec<f64> = order
             .iter()
@@ -37,6 +40,8 @@ impl SamplingPolicy {
             .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
+
+        // Nucleus: keep the smallest prefix whose probability reaches top_p.
         if self.top_p < 1.0 {
             let mut cumulative = 0.0;
             let keep = probs
@@ -49,6 +54,7 @@ impl SamplingPolicy {
             probs.truncate(keep);
             order.truncate(keep);
         }
+
         let total: f64 = probs.iter().sum();
         let mut draw = rng.random::<f64>() * total;
         for (&token, &p) in order.iter().zip(&probs) {

@@ -39,12 +39,14 @@ fn render(train: &[(f64, f64)], validation: &[(f64, f64)]) -> Vec<u8> {
         let y = (HEIGHT - MARGIN) as f64 - loss.clamp(0.0, max_loss) / max_loss * (HEIGHT - 2 * MARGIN) as f64;
         (x, y)
     };
+
     let mut put = |x: i64, y: i64, color: [u8; 3]| {
         if (0..WIDTH as i64).contains(&x) && (0..HEIGHT as i64).contains(&y) {
             let i = (y as usize * WIDTH + x as usize) * 3;
             pixels[i..i + 3].copy_from_slice(&color);
         }
     };
+
     // Axes.
     for x in MARGIN..WIDTH - MARGIN {
         put(x as i64, (HEIGHT - MARGIN) as i64, [0, 0, 0]);
@@ -52,6 +54,7 @@ fn render(train: &[(f64, f64)], validation: &[(f64, f64)]) -> Vec<u8> {
     for y in MARGIN..HEIGHT - MARGIN {
         put(MARGIN as i64, y as i64, [0, 0, 0]);
     }
+
     // Training loss as line segments.
     for pair in train.windows(2) {
         let (x0, y0) = to_pixel(pair[0]);
@@ -62,6 +65,7 @@ fn render(train: &[(f64, f64)], validation: &[(f64, f64)]) -> Vec<u8> {
             put((x0 + t * (x1 - x0)) as i64, (y0 + t * (y1 - y0)) as i64, [30, 90, 200]);
         }
     }
+
     // Validation loss as 5x5 dots.
     for &point in validation {
         let (x, y) = to_pixel(point);
@@ -71,6 +75,7 @@ fn render(train: &[(f64, f64)], validation: &[(f64, f64)]) -> Vec<u8> {
             }
         }
     }
+
     let mut out = Vec::new();
     {
         let mut encoder = png::Encoder::new(&mut out, WIDTH as u32, HEIGHT as u32);

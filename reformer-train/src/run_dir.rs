@@ -26,8 +26,8 @@ pub const CONFIG_FILE: &str = "config.json";
 /// Errors on the run directory.
 #[derive(Debug, thiserror::Error)]
 pub enum RunDirError {
-    /// The folder holds another run.
-    #[error("output folder {0} already holds a run; pass --resume to continue it, --force to delete it and start over, or choose another --out")]
+    /// The folder contains another run.
+    #[error("output folder {0} already contains a run; pass --resume to continue it, --force to delete it and start over, or choose another --out")]
     Occupied(PathBuf),
     /// `--resume` on a run with a different config or settings.
     #[error("cannot resume {path}: its {file} differs from this run's ({detail}); resume with the same settings or use another --out")]
@@ -137,7 +137,7 @@ pub fn trim_metrics(run_dir: &Path, step: u64) -> Result<(), RunDirError> {
     let Ok(text) = fs::read_to_string(&path) else {
         return Ok(());
     };
-    let kept: String = text
+    let remaining_lines: String = text
         .lines()
         .filter(|line| {
             serde_json::from_str::<serde_json::Value>(line)
@@ -148,7 +148,7 @@ pub fn trim_metrics(run_dir: &Path, step: u64) -> Result<(), RunDirError> {
         .map(|line| format!("{line}\n"))
         .collect();
     let tmp = path.with_extension("jsonl.tmp");
-    fs::write(&tmp, kept).map_err(write_error(&tmp))?;
+    fs::write(&tmp, remaining_lines).map_err(write_error(&tmp))?;
     fs::rename(&tmp, &path).map_err(write_error(&path))
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use reformer_model::{ConfigError, ReformerConfig};
 use serde::{Deserialize, Serialize};
 
-/// What the model is trained on.
+/// Training task and its data.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TaskSettings {
@@ -107,6 +107,7 @@ mod tests {
     #[test]
     fn unknown_preset_is_named() {
         let error = preset("bogus").unwrap_err().to_string();
-        assert!(error.contains("bogus") && error.contains("duplication"), "{error}");
+        assert!(error.contains("bogus"), "{error}");
+        assert!(error.contains("duplication"), "{error}");
     }
 }

@@ -66,12 +66,12 @@ pub enum TrainError {
 pub struct TrainState {
     /// Optimizer steps completed.
     pub step: u64,
-    /// Seed of the run; data and randomness of step `k` derive from (seed, k), so the step
+    /// Seed of the run. Data and randomness of step `k` derive from (seed, k), so the step
     /// alone fixes the data position and the random streams.
     pub seed: u64,
 }
 
-/// What the loop reports to its caller (the CLI draws a progress bar from it).
+/// Progress event of the training loop, from which the CLI draws its progress bar.
 #[derive(Clone, Debug)]
 pub enum TrainEvent {
     /// The run starts at `start_step` of `total_steps`.
@@ -261,7 +261,7 @@ fn batch_target_count(batch: &Batch) -> f64 {
 /// How to treat an existing run directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExistingRun {
-    /// Refuse a directory that holds another run.
+    /// Reject a directory that contains another run.
     Refuse,
     /// Continue the run in the directory from its newest checkpoint.
     Resume,

@@ -1,11 +1,11 @@
 //! LSH self-attention with shared queries and keys (Kitaev et al. 2020, section 2), computed
 //! as Hugging Face's `LSHSelfAttention` does in transformers 5.25.
 //!
-//! Steps: project to shared `qk` and `v`; hash `qk` with random rotations into buckets; sort
-//! by (round, bucket, position); cut into chunks that attend to themselves and their
-//! neighbours; mask by original positions; softmax per round; unsort; combine rounds by
-//! their logsumexp. Hashing and sorting run on the host: bucket ids are integers that no
-//! gradient flows through.
+//! The layer projects to shared `qk` and `v`, hashes `qk` into buckets with random rotations
+//! and sorts by (round, bucket, position). The sorted sequence is cut into chunks that attend
+//! to themselves and their neighbours, masked by original positions. Each round gets its own
+//! softmax, and after unsorting the rounds are combined by their logsumexp. Hashing and
+//! sorting run on the host, because bucket ids are integers that no gradient flows through.
 
 use burn::module::Module;
 use burn::nn::Linear;
@@ -63,7 +63,8 @@ pub struct LshSelfAttention {
     settings: LshSettings,
 }
 
-/// What hashing and sorting produced for one call, needed to chunk, mask and unsort.
+/// Result of hashing and sorting for one call: the indices that chunking, masking and
+/// unsorting need.
 struct SortedLayout {
     /// Global row index into `[batch_size * n_heads * seq_len]` for each sorted slot.
     gather: Vec<i64>,
@@ -233,7 +234,7 @@ impl LshSelfAttention {
     /// positions.
     ///
     /// The scores are laid out as `rows` rows (`batch_size * n_heads`, batch-major), each with
-    /// chunks of `chunk_len` queries; `query_positions` holds every query's original position
+    /// chunks of `chunk_len` queries; `query_positions` contains every query's original position
     /// in that order and `key_positions` one window of positions per chunk.
     fn apply_masks(
         &self,

@@ -64,7 +64,7 @@ pub fn look_adjacent(x: Tensor<4>, before: usize, after: usize) -> Tensor<4> {
     Tensor::cat(parts, 2)
 }
 
-/// Returns the original positions that each chunk's window sees, by [`look_adjacent`]'s rule.
+/// Returns the original positions in each chunk's window, by [`look_adjacent`]'s rule.
 ///
 /// `positions[row][slot]` is the original position in sorted slot `slot`; the output is
 /// `[rows, n_chunks, window_len]` flattened.
