@@ -118,12 +118,12 @@ impl Embeddings {
             return positions;
         }
         let [_, seq_len, _] = positions.dims();
-        let seed = ctx.stream_seed(0, RandomSite::PositionDropout);
         if self.position.axial.is_none() {
             let positions = positions.repeat_dim(0, batch_size);
             return ctx.dropout(positions, self.dropout, 0, RandomSite::PositionDropout);
         }
         let cols = self.position.axial_cols;
+        let seed = ctx.stream_seed(0, RandomSite::PositionDropout);
         let draws = bernoulli_keep_mask(batch_size * cols, self.dropout, seed);
         let factors: Vec<f32> = (0..batch_size)
             .flat_map(|b| (0..seq_len).map(move |p| (b, p)))
