@@ -112,7 +112,8 @@ pub fn load_run_config(run_dir: &Path) -> Result<ReformerConfig, CheckpointError
 pub fn load_run_model(run_dir: &Path, device: &Device) -> Result<ReformerLm, CheckpointError> {
     let config = load_run_config(run_dir)?;
     let checkpoint = latest_checkpoint(run_dir)?;
-    let model = ReformerLm::new(&config, device)?;
+    // The checkpoint replaces every weight, so the seed of the initial ones does not matter.
+    let model = ReformerLm::new(&config, 0, device)?;
     load_weights(model, &checkpoint.join(MODEL_FILE))
 }
 

@@ -7,7 +7,7 @@
 //! forward pass drew.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -156,17 +156,58 @@ pub struct ForwardContext {
     pub num_hashes: Option<usize>,
     /// Rotations to use instead of random ones, by layer index in `attn_layers`.
     pub rotations: Option<Arc<HashMap<usize, Rotations>>>,
+    /// Back-propagates through the layers with the reversible node, which recomputes each
+    /// layer's activations instead of storing them (the default). `false` records every
+    /// activation with plain autodiff, for comparison and debugging. Without autodiff both
+    /// run the same plain loop.
+    pub reversible: bool,
+    /// Bucket ids hashed during this call, so that the reversible backward sorts exactly as
+    /// the forward did even where recomputed inputs differ from the originals by rounding.
+    pub(crate) buckets: Option<Arc<BucketMemo>>,
+}
+
+/// Bucket ids of the LSH layers of one forward call, by layer index.
+#[derive(Debug, Default)]
+pub(crate) struct BucketMemo {
+    by_layer: Mutex<HashMap<usize, Arc<Vec<u32>>>>,
+}
+
+impl BucketMemo {
+    /// Returns the ids stored for `layer`, or computes and stores them.
+    pub(crate) fn get_or_insert<E>(
+        &self,
+        layer: usize,
+        compute: impl FnOnce() -> Result<Vec<u32>, E>,
+    ) -> Result<Arc<Vec<u32>>, E> {
+        // A panic while the lock was held cannot leave a half-written entry: entries are
+        // inserted whole. Poisoning is therefore ignored.
+        if let Some(ids) = self.by_layer.lock().unwrap_or_else(PoisonError::into_inner).get(&layer) {
+            return Ok(ids.clone());
+        }
+        let ids = Arc::new(compute()?);
+        self.by_layer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(layer, ids.clone());
+        Ok(ids)
+    }
 }
 
 impl ForwardContext {
     /// Returns an evaluation context (no dropout) with rotations drawn from `seed`.
     pub fn eval(seed: u64) -> Self {
-        Self { training: false, seed, step: 0, num_hashes: None, rotations: None }
+        Self { training: false, seed, step: 0, num_hashes: None, rotations: None, reversible: true, buckets: None }
     }
 
     /// Returns a training context (dropout on) for optimizer step `step`.
     pub fn train(seed: u64, step: u64) -> Self {
-        Self { training: true, seed, step, num_hashes: None, rotations: None }
+        Self { training: true, seed, step, num_hashes: None, rotations: None, reversible: true, buckets: None }
+    }
+
+    /// Returns the context with [`ForwardContext::reversible`] set.
+    pub fn with_reversible(mut self, reversible: bool) -> Self {
+        self.reversible = reversible;
+        self
     }
 
     /// Returns the seed of one random stream.

@@ -2,6 +2,7 @@
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
+use rand::rngs::StdRng;
 
 use crate::config::ReformerConfig;
 use crate::context::{ForwardContext, RandomSite, bernoulli_keep_mask};
@@ -58,15 +59,15 @@ pub struct Embeddings {
 
 impl Embeddings {
     /// Creates the embeddings from the model config.
-    pub fn new(config: &ReformerConfig, device: &Device) -> Self {
+    pub fn new(config: &ReformerConfig, rng: &mut StdRng, device: &Device) -> Self {
         let d_model = config.hidden_size;
         let position = if config.axial_pos_embds {
             let [a0, a1] = [config.axial_pos_shape[0], config.axial_pos_shape[1]];
             let [d0, d1] = [config.axial_pos_embds_dim[0], config.axial_pos_embds_dim[1]];
             PositionEmbeddings {
                 axial: Some(AxialPositionEmbeddings {
-                    rows: normal_param([a0, 1, d0], config.axial_norm_std, device),
-                    cols: normal_param([1, a1, d1], config.axial_norm_std, device),
+                    rows: normal_param([a0, 1, d0], config.axial_norm_std, rng, device),
+                    cols: normal_param([1, a1, d1], config.axial_norm_std, rng, device),
                 }),
                 table: None,
                 axial_cols: a1,
@@ -74,12 +75,12 @@ impl Embeddings {
         } else {
             PositionEmbeddings {
                 axial: None,
-                table: Some(normal_param([config.max_position_embeddings, d_model], config.initializer_range, device)),
+                table: Some(normal_param([config.max_position_embeddings, d_model], config.initializer_range, rng, device)),
                 axial_cols: 0,
             }
         };
         Self {
-            word: normal_param([config.vocab_size, d_model], config.initializer_range, device),
+            word: normal_param([config.vocab_size, d_model], config.initializer_range, rng, device),
             position,
             dropout: config.hidden_dropout_prob,
         }

@@ -3,6 +3,7 @@
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
+use rand::rngs::StdRng;
 use burn::tensor::activation;
 
 use crate::config::{Activation, ReformerConfig};
@@ -29,13 +30,13 @@ pub struct FeedForward {
 
 impl FeedForward {
     /// Creates the block from the model config.
-    pub fn new(config: &ReformerConfig, device: &Device) -> Self {
+    pub fn new(config: &ReformerConfig, rng: &mut StdRng, device: &Device) -> Self {
         Self {
             layer_norm: LayerNormConfig::new(config.hidden_size)
                 .with_epsilon(config.layer_norm_eps)
                 .init(device),
-            dense: normal_linear(config.hidden_size, config.feed_forward_size, true, config.initializer_range, device),
-            output: normal_linear(config.feed_forward_size, config.hidden_size, true, config.initializer_range, device),
+            dense: normal_linear(config.hidden_size, config.feed_forward_size, true, config.initializer_range, rng, device),
+            output: normal_linear(config.feed_forward_size, config.hidden_size, true, config.initializer_range, rng, device),
             chunk_size: config.chunk_size_feed_forward,
             dropout: config.hidden_dropout_prob,
             activation: config.hidden_act,
@@ -83,7 +84,7 @@ impl FeedForward {
 mod tests {
     use super::*;
     use crate::config::AttentionKind;
-    use crate::testing::{assert_close, random_tensor, test_device, values};
+    use crate::testing::{assert_close, random_tensor, test_device, test_rng, values};
 
     #[test]
     fn chunked_equals_unchunked() {
@@ -105,7 +106,7 @@ mod tests {
         };
         config.validate().expect("the test config is valid");
         let device = test_device();
-        let mut block = FeedForward::new(&config, &device);
+        let mut block = FeedForward::new(&config, &mut test_rng(), &device);
         let x = random_tensor([2, 8, 32], 1, &device);
         let ctx = ForwardContext::eval(0);
 

@@ -18,6 +18,10 @@ pub mod feed_forward;
 mod init;
 pub mod loss;
 pub mod model;
+// The backend extension names NdArray, deprecated upstream in favour of Flex; both stay
+// selectable, and the code the extension macro generates takes no item-level `allow`.
+#[allow(deprecated)]
+pub mod reversible;
 pub mod sampling;
 #[cfg(test)]
 pub(crate) mod testing;

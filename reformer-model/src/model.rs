@@ -3,6 +3,8 @@
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 use crate::attention::local::LocalSelfAttention;
 use crate::attention::lsh::LshSelfAttention;
@@ -12,6 +14,7 @@ use crate::embeddings::Embeddings;
 use crate::error::{ConfigError, InputError};
 use crate::feed_forward::FeedForward;
 use crate::init::normal_linear;
+use crate::reversible::reversible_layers;
 
 /// Index used for the random streams of the final LayerNorm's dropout, after every layer's.
 const FINAL_NORM_STREAM: usize = usize::MAX;
@@ -32,14 +35,14 @@ pub struct AttentionBlock {
 }
 
 impl AttentionBlock {
-    fn new(kind: AttentionKind, config: &ReformerConfig, device: &Device) -> Self {
+    fn new(kind: AttentionKind, config: &ReformerConfig, rng: &mut StdRng, device: &Device) -> Self {
         Self {
             layer_norm: LayerNormConfig::new(config.hidden_size)
                 .with_epsilon(config.layer_norm_eps)
                 .init(device),
-            lsh: (kind == AttentionKind::Lsh).then(|| LshSelfAttention::new(config, device)),
-            local: (kind == AttentionKind::Local).then(|| LocalSelfAttention::new(config, device)),
-            output: normal_linear(config.all_head_size(), config.hidden_size, false, config.initializer_range, device),
+            lsh: (kind == AttentionKind::Lsh).then(|| LshSelfAttention::new(config, rng, device)),
+            local: (kind == AttentionKind::Local).then(|| LocalSelfAttention::new(config, rng, device)),
+            output: normal_linear(config.all_head_size(), config.hidden_size, false, config.initializer_range, rng, device),
             dropout: config.hidden_dropout_prob,
         }
     }
@@ -110,6 +113,25 @@ impl ReformerLayer {
     }
 }
 
+/// Runs `layers` on `x` (both streams start as `x`) and returns `concat(U, Z)`.
+///
+/// # Shapes
+/// - `x`: `[batch_size, seq_len, d_model]`
+/// - output: `[batch_size, seq_len, 2 * d_model]`
+pub(crate) fn run_layers(
+    layers: &[ReformerLayer],
+    x: Tensor<3>,
+    mask: Option<&KeyMask>,
+    ctx: &ForwardContext,
+) -> Result<Tensor<3>, InputError> {
+    let mut u = x.clone();
+    let mut z = x;
+    for (index, layer) in layers.iter().enumerate() {
+        (u, z) = layer.forward(u, z, mask, index, ctx)?;
+    }
+    Ok(Tensor::cat(vec![u, z], 2))
+}
+
 /// Reformer language model with an LM head (`ReformerModelWithLMHead` when `is_decoder`,
 /// `ReformerForMaskedLM` otherwise).
 #[derive(Module, Debug)]
@@ -127,22 +149,24 @@ pub struct ReformerLm {
 }
 
 impl ReformerLm {
-    /// Validates the config and creates a randomly initialised model on `device`.
-    pub fn new(config: &ReformerConfig, device: &Device) -> Result<Self, ConfigError> {
+    /// Validates the config and creates a model on `device` with weights drawn from a host
+    /// generator seeded with `seed`: the same seed gives the same weights on every backend.
+    pub fn new(config: &ReformerConfig, seed: u64, device: &Device) -> Result<Self, ConfigError> {
         config.validate()?;
         let d_model = config.hidden_size;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let embeddings = Embeddings::new(config, &mut rng, device);
+        let mut layers = Vec::with_capacity(config.attn_layers.len());
+        for &kind in &config.attn_layers {
+            let attention = AttentionBlock::new(kind, config, &mut rng, device);
+            let feed_forward = FeedForward::new(config, &mut rng, device);
+            layers.push(ReformerLayer { attention, feed_forward });
+        }
         Ok(Self {
-            embeddings: Embeddings::new(config, device),
-            layers: config
-                .attn_layers
-                .iter()
-                .map(|&kind| ReformerLayer {
-                    attention: AttentionBlock::new(kind, config, device),
-                    feed_forward: FeedForward::new(config, device),
-                })
-                .collect(),
+            embeddings,
+            layers,
             layer_norm: LayerNormConfig::new(2 * d_model).with_epsilon(config.layer_norm_eps).init(device),
-            lm_head: normal_linear(2 * d_model, config.vocab_size, true, config.initializer_range, device),
+            lm_head: normal_linear(2 * d_model, config.vocab_size, true, config.initializer_range, &mut rng, device),
             config: config.clone(),
         })
     }
@@ -194,6 +218,9 @@ impl ReformerLm {
     /// Runs the layers and the final LayerNorm on embedded input whose length the attention
     /// layers accept (a multiple of the chunk lengths, or at most the shortest chunk).
     ///
+    /// On an autodiff device the layers run inside the reversible node unless
+    /// `ctx.reversible` is off; see [`crate::reversible`].
+    ///
     /// # Shapes
     /// - `x`: `[batch_size, seq_len, d_model]`
     /// - output: `[batch_size, seq_len, 2 * d_model]`
@@ -203,12 +230,20 @@ impl ReformerLm {
         mask: Option<&KeyMask>,
         ctx: &ForwardContext,
     ) -> Result<Tensor<3>, InputError> {
-        let mut u = x.clone();
-        let mut z = x;
-        for (index, layer) in self.layers.iter().enumerate() {
-            (u, z) = layer.forward(u, z, mask, index, ctx)?;
-        }
-        let hidden = self.layer_norm.forward(Tensor::cat(vec![u, z], 2));
+        let [_, seq_len, _] = x.dims();
+        let streams = if ctx.reversible && x.is_autodiff() {
+            // The node cannot return an error, so the only one the layers can raise is
+            // checked first.
+            for (index, layer) in self.layers.iter().enumerate() {
+                if let Some(lsh) = &layer.attention.lsh {
+                    lsh.check_rotations(seq_len, index, ctx)?;
+                }
+            }
+            reversible_layers(&self.layers, x, mask, ctx)
+        } else {
+            run_layers(&self.layers, x, mask, ctx)?
+        };
+        let hidden = self.layer_norm.forward(streams);
         Ok(ctx.dropout(hidden, self.config.hidden_dropout_prob, FINAL_NORM_STREAM, RandomSite::FinalNorm))
     }
 
@@ -298,7 +333,7 @@ mod tests {
     fn reversible_inverse_reconstructs_inputs() {
         let device = test_device();
         let config = small_config(vec![AttentionKind::Local, AttentionKind::Lsh], 16, [8, 8], false);
-        let model = ReformerLm::new(&config, &device).unwrap();
+        let model = ReformerLm::new(&config, 0, &device).unwrap();
         let ctx = ForwardContext::eval(3);
         let u = random_tensor([2, 32, D_MODEL], 1, &device);
         let z = random_tensor([2, 32, D_MODEL], 2, &device);
@@ -317,7 +352,7 @@ mod tests {
     fn local_causal_logits_ignore_later_tokens() {
         let device = test_device();
         let config = small_config(vec![AttentionKind::Local, AttentionKind::Local], 8, [8, 8], true);
-        let model = ReformerLm::new(&config, &device).unwrap();
+        let model = ReformerLm::new(&config, 0, &device).unwrap();
         let ctx = ForwardContext::eval(0);
         let (seq_len, last_unchanged) = (32, 13);
         let ids = random_ids(1, seq_len, 1);
@@ -338,7 +373,7 @@ mod tests {
         // through gradients: bucket ids come from host data and stay fixed during backward.
         let device = test_device().autodiff();
         let config = small_config(vec![AttentionKind::Local, AttentionKind::Lsh], 8, [8, 8], true);
-        let model = ReformerLm::new(&config, &device).unwrap();
+        let model = ReformerLm::new(&config, 0, &device).unwrap();
         let ctx = ForwardContext::eval(4);
         let seq_len = 32;
         let ids = ids_tensor(random_ids(1, seq_len, 2), 1, &device);
@@ -370,7 +405,7 @@ mod tests {
     fn input_not_multiple_of_chunk_runs() {
         let device = test_device();
         let config = small_config(vec![AttentionKind::Local, AttentionKind::Lsh], 32, [8, 16], false);
-        let model = ReformerLm::new(&config, &device).unwrap();
+        let model = ReformerLm::new(&config, 0, &device).unwrap();
         let ids = ids_tensor(random_ids(2, 70, 3), 2, &device);
 
         let logits = model.forward(ids, None, &ForwardContext::eval(0)).unwrap();
@@ -382,7 +417,7 @@ mod tests {
     fn too_long_input_is_rejected() {
         let device = test_device();
         let config = small_config(vec![AttentionKind::Local, AttentionKind::Lsh], 8, [8, 8], true);
-        let model = ReformerLm::new(&config, &device).unwrap();
+        let model = ReformerLm::new(&config, 0, &device).unwrap();
         let ids = ids_tensor(random_ids(1, 65, 4), 1, &device);
 
         let result = model.forward(ids, None, &ForwardContext::eval(0));
@@ -393,7 +428,7 @@ mod tests {
     fn mask_does_not_leak_into_next_call() {
         let device = test_device();
         let config = small_config(vec![AttentionKind::Local, AttentionKind::Lsh], 8, [8, 8], false);
-        let model = ReformerLm::new(&config, &device).unwrap();
+        let model = ReformerLm::new(&config, 0, &device).unwrap();
         let fresh = model.clone();
         let ctx = ForwardContext::eval(5);
         let ids = ids_tensor(random_ids(2, 32, 5), 2, &device);

@@ -11,6 +11,11 @@ pub fn test_device() -> Device {
     crate::device::select_device("cpu").expect("a CPU backend is compiled in for tests")
 }
 
+/// Returns the host generator that module constructors in tests draw their weights from.
+pub fn test_rng() -> StdRng {
+    StdRng::seed_from_u64(0)
+}
+
 /// Returns a tensor of standard-normal values drawn from a host generator seeded with `seed`,
 /// so that a test gets the same numbers on every run and backend.
 pub fn random_tensor<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {

@@ -285,9 +285,7 @@ pub fn train(
     let ad_device = device.clone().autodiff();
     let clipping = (settings.clip_norm > 0.0).then_some(GradientClippingConfig::Norm(settings.clip_norm));
     let mut optimizer: ModuleOptimizer = AdamConfig::new().with_grad_clipping(clipping).init();
-    // Burn seeds parameter initialisation from the device's generator.
-    ad_device.seed(settings.seed);
-    let mut model = ReformerLm::new(config, &ad_device).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let mut model = ReformerLm::new(config, settings.seed, &ad_device).map_err(|e| TrainError::Invalid(e.to_string()))?;
     let mut step = 0;
     if let Some(checkpoint) = resume_from {
         let state: TrainState = run_dir::read_json(&checkpoint.join(STATE_FILE))?;

@@ -5,6 +5,7 @@
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
+use rand::rngs::StdRng;
 
 use super::{MASK_VALUE, bool_tensor, look_adjacent, merge_heads, softmax_with_lse, split_heads, window_positions};
 use crate::config::ReformerConfig;
@@ -45,10 +46,10 @@ pub struct LocalSelfAttention {
 
 impl LocalSelfAttention {
     /// Creates the layer from the model config.
-    pub fn new(config: &ReformerConfig, device: &Device) -> Self {
+    pub fn new(config: &ReformerConfig, rng: &mut StdRng, device: &Device) -> Self {
         let d_model = config.hidden_size;
         let width = config.all_head_size();
-        let linear = || normal_linear(d_model, width, false, config.initializer_range, device);
+        let mut linear = || normal_linear(d_model, width, false, config.initializer_range, rng, device);
         Self {
             query: linear(),
             key: linear(),
@@ -152,7 +153,7 @@ mod tests {
 
     use super::*;
     use crate::config::AttentionKind;
-    use crate::testing::{assert_causal_prefix, assert_close, random_tensor, test_device, values};
+    use crate::testing::{assert_causal_prefix, assert_close, random_tensor, test_device, test_rng, values};
 
     const D_MODEL: usize = 32;
     const N_HEADS: usize = 2;
@@ -208,7 +209,7 @@ mod tests {
     #[test]
     fn short_sequence_equals_exact_attention() {
         let device = test_device();
-        let layer = LocalSelfAttention::new(&local_config(16, false), &device);
+        let layer = LocalSelfAttention::new(&local_config(16, false), &mut test_rng(), &device);
         for seq_len in [12, 16] {
             let x = random_tensor([2, seq_len, D_MODEL], seq_len as u64, &device);
             let out = layer.forward(x.clone(), None, 0, &ForwardContext::eval(0));
@@ -220,7 +221,7 @@ mod tests {
     #[test]
     fn causal_output_ignores_later_positions() {
         let device = test_device();
-        let layer = LocalSelfAttention::new(&local_config(8, true), &device);
+        let layer = LocalSelfAttention::new(&local_config(8, true), &mut test_rng(), &device);
         let (seq_len, last_unchanged) = (32, 13);
         let x = random_tensor([1, seq_len, D_MODEL], 1, &device);
         let changed = Tensor::cat(

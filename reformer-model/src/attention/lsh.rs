@@ -7,9 +7,12 @@
 //! softmax, and after unsorting the rounds are combined by their logsumexp. Hashing and
 //! sorting run on the host, because bucket ids are integers that no gradient flows through.
 
+use std::sync::Arc;
+
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
+use rand::rngs::StdRng;
 use burn::tensor::TensorData;
 
 use super::{
@@ -76,12 +79,12 @@ struct SortedLayout {
 
 impl LshSelfAttention {
     /// Creates the layer from the model config.
-    pub fn new(config: &ReformerConfig, device: &Device) -> Self {
+    pub fn new(config: &ReformerConfig, rng: &mut StdRng, device: &Device) -> Self {
         let d_model = config.hidden_size;
         let width = config.all_head_size();
         Self {
-            query_key: normal_linear(d_model, width, false, config.initializer_range, device),
-            value: normal_linear(d_model, width, false, config.initializer_range, device),
+            query_key: normal_linear(d_model, width, false, config.initializer_range, rng, device),
+            value: normal_linear(d_model, width, false, config.initializer_range, rng, device),
             settings: LshSettings {
                 n_heads: config.num_attention_heads,
                 d_head: config.attention_head_size,
@@ -111,6 +114,47 @@ impl LshSelfAttention {
         s.num_buckets
             .clone()
             .unwrap_or_else(|| NumBuckets::automatic(seq_len, s.chunk_len, s.max_position_embeddings))
+    }
+
+    /// Checks that rotations given in `ctx` for this layer fit a call at padded length
+    /// `seq_len`. Sequences of at most one chunk are not hashed, so nothing is checked for them.
+    pub fn check_rotations(&self, seq_len: usize, layer: usize, ctx: &ForwardContext) -> Result<(), InputError> {
+        if seq_len <= self.settings.chunk_len {
+            return Ok(());
+        }
+        let n_hashes = ctx.num_hashes.unwrap_or(self.settings.n_hashes);
+        self.rotations(seq_len, n_hashes, layer, ctx).map(drop)
+    }
+
+    /// Returns the rotations of this layer for a call at padded length `seq_len`: the ones
+    /// given in `ctx`, checked against `[n_heads, d_head, n_hashes, rot_size / 2]`, or random
+    /// ones from the layer's stream (or from `hash_seed`).
+    fn rotations(
+        &self,
+        seq_len: usize,
+        n_hashes: usize,
+        layer: usize,
+        ctx: &ForwardContext,
+    ) -> Result<Rotations, InputError> {
+        let s = &self.settings;
+        let shape = [s.n_heads, s.d_head, n_hashes, self.buckets_for(seq_len).rotation_size() / 2];
+        match ctx.rotations.as_ref().and_then(|all| all.get(&layer)) {
+            Some(given) if given.shape != shape => Err(InputError::Rotations {
+                layer,
+                reason: format!(
+                    "shape {:?} does not match [n_heads, d_head, n_hashes, rot_size / 2] = {shape:?}",
+                    given.shape
+                ),
+            }),
+            Some(given) => Ok(given.clone()),
+            None => {
+                let seed = match s.hash_seed {
+                    Some(seed) => mix_seed(&[seed]),
+                    None => ctx.stream_seed(layer, RandomSite::Rotations),
+                };
+                Ok(Rotations::random(shape, seed))
+            }
+        }
     }
 
     /// Runs LSH self-attention and returns the merged heads, before the output projection.
@@ -186,7 +230,12 @@ impl LshSelfAttention {
         let slots = n_hashes * seq_len;
         let n_chunks = slots / chunk_len;
 
-        let buckets = self.hash(qk.clone(), n_hashes, mask, layer, ctx)?;
+        // Inside the reversible node the forward stores the ids and the recomputation reuses
+        // them: hashing the recomputed `qk` could flip a near-tie into another bucket.
+        let buckets = match &ctx.buckets {
+            Some(memo) => memo.get_or_insert(layer, || self.hash(qk.clone(), n_hashes, mask, layer, ctx))?,
+            None => Arc::new(self.hash(qk.clone(), n_hashes, mask, layer, ctx)?),
+        };
         let layout = sort_by_bucket(&buckets, rows, n_hashes, seq_len);
 
         // Gather rows in sorted order; every round gathers the same rows in its own order.
@@ -291,34 +340,11 @@ impl LshSelfAttention {
         layer: usize,
         ctx: &ForwardContext,
     ) -> Result<Vec<u32>, InputError> {
-        let s = &self.settings;
         let [batch_size, n_heads, seq_len, d_head] = qk.dims();
         let buckets = self.buckets_for(seq_len);
         let factors = buckets.factors();
         let rot_half = buckets.rotation_size() / 2;
-        let shape = [n_heads, d_head, n_hashes, rot_half];
-
-        let rotations = match ctx.rotations.as_ref().and_then(|all| all.get(&layer)) {
-            Some(given) => {
-                if given.shape != shape {
-                    return Err(InputError::Rotations {
-                        layer,
-                        reason: format!(
-                            "shape {:?} does not match [n_heads, d_head, n_hashes, rot_size / 2] = {shape:?}",
-                            given.shape
-                        ),
-                    });
-                }
-                given.clone()
-            }
-            None => {
-                let seed = match s.hash_seed {
-                    Some(seed) => mix_seed(&[seed]),
-                    None => ctx.stream_seed(layer, RandomSite::Rotations),
-                };
-                Rotations::random(shape, seed)
-            }
-        };
+        let rotations = self.rotations(seq_len, n_hashes, layer, ctx)?;
 
         // [1, n_heads, d_head, n_hashes * rot_half]: row-major, so HF's layout reshapes directly.
         let rotation_tensor = Tensor::<4>::from_data(
@@ -410,7 +436,6 @@ fn key_norm<const D: usize>(x: Tensor<D>, d_head: usize) -> Tensor<D> {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::sync::Arc;
 
     use burn::tensor::activation::softmax;
     use rand::rngs::StdRng;
@@ -418,7 +443,8 @@ mod tests {
 
     use super::*;
     use crate::config::AttentionKind;
-    use crate::testing::{assert_close, random_tensor, test_device, values};
+    use crate::context::BucketMemo;
+    use crate::testing::{assert_close, max_abs_diff, random_tensor, test_device, test_rng, values};
 
     const D_MODEL: usize = 32;
     const N_HEADS: usize = 2;
@@ -513,7 +539,7 @@ mod tests {
     #[test]
     fn short_sequence_equals_exact_attention() {
         let device = test_device();
-        let layer = LshSelfAttention::new(&lsh_config(1, None, false), &device);
+        let layer = LshSelfAttention::new(&lsh_config(1, None, false), &mut test_rng(), &device);
         for seq_len in [5, CHUNK_LEN] {
             let x = random_tensor([2, seq_len, D_MODEL], seq_len as u64, &device);
             let out = layer.forward(x.clone(), None, 0, &ForwardContext::eval(0)).unwrap();
@@ -527,7 +553,7 @@ mod tests {
         // With two chunks, one round and one chunk of look-back (wrapping around), every query
         // attends to every key exactly once, whatever the buckets are.
         let device = test_device();
-        let layer = LshSelfAttention::new(&lsh_config(1, None, false), &device);
+        let layer = LshSelfAttention::new(&lsh_config(1, None, false), &mut test_rng(), &device);
         let x = random_tensor([2, 2 * CHUNK_LEN, D_MODEL], 1, &device);
         let expected = values(exact_shared_qk(&layer, x.clone(), false));
         for seed in 0..3 {
@@ -539,7 +565,7 @@ mod tests {
     #[test]
     fn two_chunks_causal_equal_exact_causal_attention() {
         let device = test_device();
-        let layer = LshSelfAttention::new(&lsh_config(1, None, true), &device);
+        let layer = LshSelfAttention::new(&lsh_config(1, None, true), &mut test_rng(), &device);
         let x = random_tensor([2, 2 * CHUNK_LEN, D_MODEL], 2, &device);
         let expected = values(exact_shared_qk(&layer, x.clone(), true));
         for seed in 0..3 {
@@ -611,7 +637,7 @@ mod tests {
     fn injected_rotations_make_rounds_deterministic() {
         let device = test_device();
         let n_hashes = 4;
-        let layer = LshSelfAttention::new(&lsh_config(n_hashes, Some(NumBuckets::Single(4)), false), &device);
+        let layer = LshSelfAttention::new(&lsh_config(n_hashes, Some(NumBuckets::Single(4)), false), &mut test_rng(), &device);
         let x = random_tensor([2, 4 * CHUNK_LEN, D_MODEL], 5, &device);
         let rotations = Rotations::random([N_HEADS, D_HEAD, n_hashes, 2], 6);
 
@@ -626,7 +652,7 @@ mod tests {
     fn wrong_rotation_shape_is_rejected() {
         let device = test_device();
         let n_hashes = 4;
-        let layer = LshSelfAttention::new(&lsh_config(n_hashes, Some(NumBuckets::Single(4)), false), &device);
+        let layer = LshSelfAttention::new(&lsh_config(n_hashes, Some(NumBuckets::Single(4)), false), &mut test_rng(), &device);
         let x = random_tensor([1, 4 * CHUNK_LEN, D_MODEL], 7, &device);
         for shape in [[N_HEADS, D_HEAD, n_hashes, 3], [N_HEADS, D_HEAD, n_hashes - 1, 2], [1, D_HEAD, n_hashes, 2]] {
             let result = layer.forward(x.clone(), None, 0, &with_rotations(0, Rotations::random(shape, 8)));
@@ -636,5 +662,24 @@ mod tests {
                 result.map(|out| out.dims())
             );
         }
+    }
+
+    #[test]
+    fn memoised_buckets_replace_hashing() {
+        let device = test_device();
+        let layer = LshSelfAttention::new(&lsh_config(2, None, false), &mut test_rng(), &device);
+        let x = random_tensor([1, 4 * CHUNK_LEN, D_MODEL], 20, &device);
+        let other = random_tensor([1, 4 * CHUNK_LEN, D_MODEL], 21, &device);
+        let plain = ForwardContext::eval(0);
+        let memoised = ForwardContext { buckets: Some(Arc::new(BucketMemo::default())), ..plain.clone() };
+
+        // The first call hashes and stores; its result is the plain one.
+        let first = layer.forward(x.clone(), None, 0, &memoised).unwrap();
+        assert_close(&values(first), &values(layer.forward(x, None, 0, &plain).unwrap()), 1e-6);
+        // The second call sorts `other` by the stored buckets of `x`, not by its own.
+        let replayed = layer.forward(other.clone(), None, 0, &memoised).unwrap();
+        let hashed = layer.forward(other, None, 0, &plain).unwrap();
+        let difference = max_abs_diff(&values(replayed), &values(hashed));
+        assert!(difference > 1e-3, "stored buckets were not used: outputs differ by only {difference}");
     }
 }
