@@ -7,7 +7,7 @@ use std::process::Command;
 use reformer_model::ReformerConfig;
 use reformer_model::checkpoint::latest_checkpoint;
 use reformer_train::settings::{TaskSettings, TrainSettings, preset};
-use reformer_train::trainer::{ExistingRun, train};
+use reformer_train::trainer::{ExistingRun, TrainEvent, train};
 
 fn settings(task: TaskSettings, seq_len: usize) -> TrainSettings {
     TrainSettings {
@@ -23,6 +23,7 @@ fn settings(task: TaskSettings, seq_len: usize) -> TrainSettings {
         clip_norm: 1.0,
         eval_every: 2,
         checkpoint_every: 2,
+        reversible: true,
     }
 }
 
@@ -82,6 +83,33 @@ fn duplication_run_trains_and_evaluates() {
     // A second run into the same folder is refused without --resume or --force.
     let error = train(&config, &settings, &run, ExistingRun::Refuse, &mut |_| {}).unwrap_err();
     assert!(error.to_string().contains("--resume"), "{error}");
+}
+
+#[test]
+fn reversible_node_trains_like_plain_autodiff() {
+    // The text preset has dropout, two LSH and two local layers; its losses must not depend on
+    // how gradients are computed.
+    let dir = tempfile::tempdir().unwrap();
+    let text_path = dir.path().join("book.txt");
+    std::fs::write(&text_path, "Call me Ishmael. Some years ago, never mind how long precisely. ".repeat(30)).unwrap();
+    let config = small_text_config();
+    assert!(config.hidden_dropout_prob > 0.0);
+    let mut losses = Vec::new();
+    for reversible in [true, false] {
+        let settings = TrainSettings { steps: 4, reversible, ..settings(TaskSettings::Text { data: vec![text_path.clone()] }, 64) };
+        let mut run_losses = Vec::new();
+        let mut observe = |event| {
+            if let TrainEvent::Step { loss, .. } = event {
+                run_losses.push(loss);
+            }
+        };
+        train(&config, &settings, &dir.path().join(format!("run-{reversible}")), ExistingRun::Refuse, &mut observe).unwrap();
+        losses.push(run_losses);
+    }
+    assert_eq!(losses[0].len(), 4);
+    for (step, (with_node, plain)) in losses[0].iter().zip(&losses[1]).enumerate() {
+        assert!((with_node - plain).abs() <= 1e-4 * plain.abs(), "step {}: loss {with_node} with the node, {plain} without", step + 1);
+    }
 }
 
 #[test]

@@ -62,6 +62,10 @@ struct Args {
     /// Steps between checkpoints (the last step is always saved).
     #[arg(long, default_value_t = 100)]
     checkpoint_every: u64,
+    /// Back-propagate with plain autodiff, storing every layer's activations, instead of the
+    /// reversible node that recomputes them (for comparison and debugging).
+    #[arg(long)]
+    no_reversible: bool,
     /// Continue the run in --out from its newest checkpoint.
     #[arg(long, conflicts_with = "force")]
     resume: bool,
@@ -114,6 +118,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         clip_norm: args.clip_norm,
         eval_every: args.eval_every,
         checkpoint_every: args.checkpoint_every,
+        reversible: !args.no_reversible,
     };
     let out = args.out.clone().unwrap_or_else(|| default_run_dir(&preset_name));
     let existing = match (args.resume, args.force) {

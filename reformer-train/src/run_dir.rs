@@ -95,7 +95,12 @@ pub fn prepare(
                     });
                 }
                 let saved: TrainSettings = read_json(&run_dir.join(SETTINGS_FILE))?;
-                let comparable = TrainSettings { steps: settings.steps, device: settings.device.clone(), ..saved.clone() };
+                let comparable = TrainSettings {
+                    steps: settings.steps,
+                    device: settings.device.clone(),
+                    reversible: settings.reversible,
+                    ..saved.clone()
+                };
                 if &comparable != settings {
                     return Err(RunDirError::Mismatch {
                         path: run_dir.to_path_buf(),

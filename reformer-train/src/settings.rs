@@ -49,6 +49,14 @@ pub struct TrainSettings {
     pub eval_every: u64,
     /// Steps between checkpoints (the last step is always saved).
     pub checkpoint_every: u64,
+    /// Back-propagates through the reversible node, which recomputes activations instead of
+    /// storing them; `false` uses plain autodiff (more memory, same gradients).
+    #[serde(default = "reversible_by_default")]
+    pub reversible: bool,
+}
+
+fn reversible_by_default() -> bool {
+    true
 }
 
 /// A built-in model config with its training defaults.

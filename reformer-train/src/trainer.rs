@@ -318,7 +318,8 @@ pub fn train(
         for micro in 0..settings.grad_accum {
             let mut rng = StdRng::seed_from_u64(mix_seed(&[settings.seed, step, micro as u64]));
             let batch = task.sample(settings, &mut rng);
-            let ctx = ForwardContext::train(settings.seed, step * settings.grad_accum as u64 + micro as u64);
+            let ctx = ForwardContext::train(settings.seed, step * settings.grad_accum as u64 + micro as u64)
+                .with_reversible(settings.reversible);
             let (loss, _) = batch_loss(&model, &batch, &ctx, &ad_device, false)?;
             let loss = loss / settings.grad_accum as f64;
             step_loss += loss.clone().into_scalar::<f32>();
