@@ -1,0 +1,41 @@
+//! `reformer-bench`: benchmark programs whose results go to BENCHMARKS.md.
+//!
+//! - `memory`: peak resident memory of one training step, each configuration in a fresh
+//!   process, with the reversible node and with plain autodiff.
+
+mod memory;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "reformer-bench", version, about = "Benchmarks of the Reformer implementation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Peak memory of one training step against depth or length, each run in a fresh process.
+    Memory(memory::MemoryArgs),
+    /// Runs one training step and prints its measurement as one JSON line (used by `memory`).
+    #[command(hide = true)]
+    MemoryStep(memory::StepArgs),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let result = match Cli::parse().command {
+        Command::Memory(args) => memory::run(&args),
+        Command::MemoryStep(args) => memory::run_step(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
