@@ -71,13 +71,20 @@ impl FeedForward {
         let h = ctx.dropout(h, self.dropout, layer, RandomSite::FeedForwardInner);
         let h = match self.activation {
             Activation::Relu => activation::relu(h),
-            Activation::Gelu => activation::gelu(h),
+            Activation::Gelu => exact_gelu(h),
             Activation::GeluNew => activation::gelu_approximate(h),
             Activation::Silu => activation::silu(h),
         };
         let out = self.output.forward(h);
         ctx.dropout(out, self.dropout, layer, RandomSite::FeedForwardOutput)
     }
+}
+
+/// GELU with the exact erf form, `x * (1 + erf(x / sqrt(2))) / 2`, as PyTorch's default
+/// `gelu`. It is built from `erf` because Burn 0.22's fused `gelu` differentiates the tanh
+/// approximation, which put gradients 6e-4 (relative) away from PyTorch's.
+fn exact_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.clone() * ((x / std::f64::consts::SQRT_2).erf() + 1.0) * 0.5
 }
 
 #[cfg(test)]
