@@ -15,6 +15,9 @@ pub mod device;
 pub mod embeddings;
 pub mod error;
 pub mod feed_forward;
+pub mod hf;
+#[cfg(test)]
+mod hf_parity;
 mod init;
 pub mod loss;
 pub mod model;

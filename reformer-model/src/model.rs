@@ -193,6 +193,23 @@ impl ReformerLm {
         mask: Option<&KeyMask>,
         ctx: &ForwardContext,
     ) -> Result<Tensor<3>, InputError> {
+        Ok(self.lm_head.forward(self.hidden_states(ids, mask, ctx)?))
+    }
+
+    /// Computes the final hidden states (the output of Hugging Face's `ReformerModel`): the
+    /// final LayerNorm over `concat(U, Z)`, before the LM head. Padding as in
+    /// [`ReformerLm::forward`].
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch_size, seq_len]`
+    /// - `mask`: `[batch_size, seq_len]`, `true` for real tokens; `None` means all real
+    /// - output: `[batch_size, seq_len, 2 * d_model]`
+    pub fn hidden_states(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Option<&KeyMask>,
+        ctx: &ForwardContext,
+    ) -> Result<Tensor<3>, InputError> {
         let [batch_size, seq_len] = ids.dims();
         self.check_input(&ids, mask)?;
 
@@ -210,9 +227,8 @@ impl ReformerLm {
         };
 
         let x = self.embeddings.forward(ids, ctx);
-        let hidden = self.forward_embedded(x, mask.as_ref(), ctx)?;
-        let logits = self.lm_head.forward(hidden); // [batch_size, padded_len, vocab_size]
-        Ok(if extra > 0 { logits.slice([0..batch_size, 0..seq_len]) } else { logits })
+        let hidden = self.forward_embedded(x, mask.as_ref(), ctx)?; // [batch_size, padded_len, 2 * d_model]
+        Ok(if extra > 0 { hidden.slice([0..batch_size, 0..seq_len]) } else { hidden })
     }
 
     /// Runs the layers and the final LayerNorm on embedded input whose length the attention
