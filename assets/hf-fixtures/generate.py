@@ -982,6 +982,22 @@ def check_bucket_ties(case: Case) -> None:
         raise RuntimeError("bucket_ties: every other token is in bucket 0 too, so the case shows nothing")
 
 
+def write_pytorch_copy(case_name: str) -> None:
+    """Write `<case>_pytorch/`: the case's config and weights as `pytorch_model.bin`.
+
+    Older checkpoints ship pickled weights instead of safetensors. The importer must read
+    them to the same model, so the Rust tests compare this copy with the case's references.
+    """
+    source = FIXTURE_ROOT / case_name
+    target = FIXTURE_ROOT / f"{case_name}_pytorch"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    shutil.copy(source / "config.json", target / "config.json")
+    model = ReformerModelWithLMHead.from_pretrained(source)
+    torch.save(model.state_dict(), target / "pytorch_model.bin")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Reruns were checked to be byte-identical with one thread. More threads may split
@@ -991,6 +1007,7 @@ def main() -> None:
         case = build_case()
         write_case(case)
         check_case(case)
+    write_pytorch_copy("enwik8_small")
     total_bytes = sum(path.stat().st_size for path in FIXTURE_ROOT.rglob("*") if path.is_file())
     LOG.info("total size of %s: %d bytes", FIXTURE_ROOT, total_bytes)
 

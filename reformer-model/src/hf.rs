@@ -35,7 +35,7 @@ use std::sync::Arc;
 use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::store::{
-    ApplyResult, BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
+    ApplyError, ApplyResult, BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
     PytorchStore, SafetensorsStore,
 };
 use serde_json::{Map, Value};
@@ -474,17 +474,21 @@ fn load_report(result: &ApplyResult, table: &[KeyEntry], unread: &[&str]) -> Loa
             .map(|name| name.strip_prefix(SET_ASIDE_PREFIX).unwrap_or(name).to_string())
             .filter(|name| !unread.contains(&name.as_str()))
             .collect(),
-        mismatched: result.errors.iter().map(|error| map_error_path(&error.to_string(), &hf_name)).collect(),
+        mismatched: result.errors.iter().map(|error| describe_error(error, &name_of)).collect(),
     }
 }
 
-/// Replaces a module path in a burn-store error message by its Hugging Face name.
-fn map_error_path(message: &str, hf_name: &HashMap<&str, &str>) -> String {
-    hf_name
-        .iter()
-        .filter(|(path, _)| message.contains(*path))
-        .max_by_key(|(path, _)| path.len())
-        .map_or_else(|| message.to_string(), |(path, hf)| message.replace(path, hf))
+/// Describes a tensor that failed to load, by Hugging Face name.
+fn describe_error(error: &ApplyError, name_of: &impl Fn(&str) -> String) -> String {
+    match error {
+        ApplyError::ShapeMismatch { path, expected, found } => {
+            format!("{} (shape {:?} where the config needs {:?})", name_of(path), found.as_slice(), expected.as_slice())
+        }
+        ApplyError::DTypeMismatch { path, expected, found } => {
+            format!("{} (type {found:?} where the model needs {expected:?})", name_of(path))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// A safetensors or PyTorch weights file opened through burn-store.
@@ -528,11 +532,12 @@ impl WeightsReader {
                     .remap(remapper)
                     .with_from_adapter(PyTorchToBurnAdapter)
                     .allow_partial(true)
+                    .validate(false)
                     .map_indices_contiguous(false);
                 model.load_from(&mut store).map_err(|e| Self::error(&path, e))
             }
             Self::Pytorch(path, store) => {
-                let mut store = store.remap(remapper).allow_partial(true).map_indices_contiguous(false);
+                let mut store = store.remap(remapper).allow_partial(true).validate(false).map_indices_contiguous(false);
                 model.load_from(&mut store).map_err(|e| Self::error(&path, e))
             }
         }
@@ -664,4 +669,199 @@ pub fn load_rotations(path: &Path, config: &ReformerConfig) -> Result<HashMap<us
         return Err(invalid(format!("no tensor layers.{missing}.rotations for LSH layer {missing}; give one for each of {lsh_layers:?}")));
     }
     Ok(rotations)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use burn::tensor::TensorData;
+    use safetensors::tensor::TensorView;
+
+    use super::*;
+    use crate::context::ForwardContext;
+    use crate::testing::{assert_close, test_device, values};
+
+    /// Tensors of a safetensors file: dtype, shape and raw little-endian bytes.
+    type RawTensors = BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+    fn fixture(case: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/hf-fixtures").join(case)
+    }
+
+    fn read_raw(path: &Path) -> RawTensors {
+        let bytes = fs::read(path).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        file.tensors()
+            .into_iter()
+            .map(|(name, view)| (name, (view.dtype(), view.shape().to_vec(), view.data().to_vec())))
+            .collect()
+    }
+
+    fn write_raw(path: &Path, tensors: &RawTensors) {
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(name, (dtype, shape, data))| (name.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap()))
+            .collect();
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        fs::write(path, safetensors::serialize(views, Some(metadata)).unwrap()).unwrap();
+    }
+
+    /// Copies a fixture's config and weights into a fresh folder, with `edit` applied to the
+    /// weights.
+    fn edited_copy(case: &str, edit: impl FnOnce(&mut RawTensors)) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::copy(fixture(case).join(CONFIG_FILE), dir.path().join(CONFIG_FILE)).unwrap();
+        let mut tensors = read_raw(&fixture(case).join(SAFETENSORS_FILE));
+        edit(&mut tensors);
+        write_raw(&dir.path().join(SAFETENSORS_FILE), &tensors);
+        dir
+    }
+
+    /// Returns logits of fixed ids under fixed rotations (drawn from seed 7).
+    fn logits(model: &ReformerLm) -> Vec<f32> {
+        let device = test_device();
+        let seq_len = model.config().max_seq_len().min(64);
+        let ids: Vec<i64> = (0..seq_len as i64).map(|t| (t * 7 + 3) % model.config().vocab_size as i64).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, seq_len]), &device);
+        values(model.forward(ids, None, &ForwardContext::eval(7)).unwrap())
+    }
+
+    fn partial_report(result: Result<HfCheckpoint, HfError>) -> LoadReport {
+        match result {
+            Err(HfError::Partial { report, .. }) => report,
+            other => panic!("expected a partial-load error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pytorch_weights_equal_safetensors() {
+        let device = test_device();
+        let from_safetensors = load_hf_checkpoint(&fixture("enwik8_small"), &device, false).unwrap();
+        let from_pickle = load_hf_checkpoint(&fixture("enwik8_small_pytorch"), &device, false).unwrap();
+        assert!(from_pickle.report.is_complete(), "{}", from_pickle.report);
+        assert_eq!(from_pickle.architecture, HfArchitecture::CausalLm);
+        assert_eq!(logits(&from_pickle.model), logits(&from_safetensors.model));
+    }
+
+    #[test]
+    fn unknown_config_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = fs::read_to_string(fixture("wrap_rounds").join(CONFIG_FILE)).unwrap();
+        let text = text.replacen('{', "{\n  \"frobnicate\": 1,", 1);
+        fs::write(dir.path().join(CONFIG_FILE), text).unwrap();
+        match read_hf_config(&dir.path().join(CONFIG_FILE)) {
+            Err(HfError::UnknownConfigKeys { keys, .. }) => assert_eq!(keys, vec!["frobnicate".to_string()]),
+            other => panic!("expected an unknown-key error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn num_hidden_layers_must_match_attn_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = fs::read_to_string(fixture("wrap_rounds").join(CONFIG_FILE)).unwrap();
+        let text = text.replace("\"num_hidden_layers\": 1", "\"num_hidden_layers\": 3");
+        fs::write(dir.path().join(CONFIG_FILE), text).unwrap();
+        let error = read_hf_config(&dir.path().join(CONFIG_FILE)).unwrap_err().to_string();
+        assert!(error.contains("num_hidden_layers"), "{error}");
+    }
+
+    #[test]
+    fn missing_tensor_is_named_and_refused() {
+        let name = "reformer.encoder.layers.0.attention.self_attention.query_key.weight";
+        let dir = edited_copy("wrap_rounds", |tensors| {
+            tensors.remove(name).expect("the fixture has the tensor");
+        });
+        let report = partial_report(load_hf_checkpoint(dir.path(), &test_device(), false));
+        assert_eq!(report.missing, vec![name.to_string()]);
+        assert!(report.unexpected.is_empty(), "{report}");
+        assert!(report.mismatched.is_empty(), "{report}");
+
+        let loaded = load_hf_checkpoint(dir.path(), &test_device(), true).unwrap();
+        assert_eq!(loaded.report.missing, vec![name.to_string()]);
+    }
+
+    #[test]
+    fn unexpected_tensor_is_named() {
+        let dir = edited_copy("wrap_rounds", |tensors| {
+            let extra = tensors["lm_head.decoder.bias"].clone();
+            tensors.insert("reformer.encoder.extra.bias".into(), extra);
+        });
+        let report = partial_report(load_hf_checkpoint(dir.path(), &test_device(), false));
+        assert_eq!(report.unexpected, vec!["reformer.encoder.extra.bias".to_string()]);
+        assert!(report.missing.is_empty(), "{report}");
+    }
+
+    #[test]
+    fn mis_shaped_tensor_is_named() {
+        let name = "reformer.encoder.layer_norm.weight";
+        let dir = edited_copy("wrap_rounds", |tensors| {
+            let (_, shape, data) = tensors.get_mut(name).unwrap();
+            shape[0] -= 1;
+            data.truncate(data.len() - 4);
+        });
+        let report = partial_report(load_hf_checkpoint(dir.path(), &test_device(), false));
+        assert_eq!(report.mismatched.len(), 1, "{report}");
+        assert!(report.mismatched[0].contains(name), "{report}");
+    }
+
+    #[test]
+    fn output_bias_falls_back_to_lm_head_bias() {
+        // Transformers 4 could save the output bias only as `lm_head.bias`.
+        let original = load_hf_checkpoint(&fixture("wrap_rounds"), &test_device(), false).unwrap();
+        let dir = edited_copy("wrap_rounds", |tensors| {
+            let bias = tensors.remove("lm_head.decoder.bias").unwrap();
+            tensors.insert("lm_head.bias".into(), bias);
+        });
+        let fallback = load_hf_checkpoint(dir.path(), &test_device(), false).unwrap();
+        assert!(fallback.report.is_complete(), "{}", fallback.report);
+        assert_eq!(logits(&fallback.model), logits(&original.model));
+    }
+
+    #[test]
+    fn export_then_import_keeps_logits() {
+        for case in ["enwik8_small", "lsh_masked_lm", "crime_small"] {
+            let original = load_hf_checkpoint(&fixture(case), &test_device(), false).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            save_hf_checkpoint(&original.model, original.architecture, dir.path()).unwrap();
+            let reloaded = load_hf_checkpoint(dir.path(), &test_device(), false).unwrap();
+            assert!(reloaded.report.is_complete(), "{case}: {}", reloaded.report);
+            assert_eq!(reloaded.architecture, original.architecture, "{case}");
+            assert_close(&logits(&reloaded.model), &logits(&original.model), 0.0);
+
+            let (_, named) = read_hf_config(&dir.path().join(CONFIG_FILE)).unwrap();
+            assert_eq!(named, Some(original.architecture), "{case}: architectures in config.json");
+            let keys: BTreeSet<String> = read_raw(&dir.path().join(SAFETENSORS_FILE)).into_keys().collect();
+            let expected: BTreeSet<String> = read_raw(&fixture(case).join(SAFETENSORS_FILE)).into_keys().collect();
+            assert_eq!(keys, expected, "{case}: exported names");
+        }
+    }
+
+    #[test]
+    fn rotations_file_is_checked_against_layers() {
+        let config = read_hf_config(&fixture("enwik8_small").join(CONFIG_FILE)).unwrap().0;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rotations.safetensors");
+        let tensor = |shape: Vec<usize>| {
+            let count: usize = shape.iter().product();
+            (safetensors::Dtype::F32, shape, vec![0u8; 4 * count])
+        };
+
+        // enwik8_small alternates local (even) and LSH (odd) layers.
+        let mut tensors = RawTensors::new();
+        tensors.insert("layers.1.rotations".into(), tensor(vec![2, 16, 2, 3]));
+        write_raw(&path, &tensors);
+        let error = load_rotations(&path, &config).unwrap_err().to_string();
+        assert!(error.contains("layers.3.rotations"), "missing LSH layer not named: {error}");
+
+        tensors.insert("layers.3.rotations".into(), tensor(vec![2, 16, 2, 3]));
+        write_raw(&path, &tensors);
+        let rotations = load_rotations(&path, &config).unwrap();
+        assert_eq!(rotations[&3].shape, [2, 16, 2, 3]);
+
+        tensors.insert("layers.0.rotations".into(), tensor(vec![2, 16, 2, 3]));
+        write_raw(&path, &tensors);
+        let error = load_rotations(&path, &config).unwrap_err().to_string();
+        assert!(error.contains("not an LSH layer"), "{error}");
+    }
 }

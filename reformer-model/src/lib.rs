@@ -26,6 +26,7 @@ pub mod model;
 #[allow(deprecated)]
 pub mod reversible;
 pub mod sampling;
+pub mod tokenizer;
 #[cfg(test)]
 pub(crate) mod testing;
 
