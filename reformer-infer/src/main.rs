@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use burn::prelude::*;
@@ -11,17 +12,21 @@ use burn::tensor::TensorData;
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use reformer_model::checkpoint::load_run_model;
-use reformer_model::data::{DuplicationTask, bytes_to_ids, ids_to_bytes};
+use reformer_model::checkpoint::{CHECKPOINTS_DIR, MODEL_FILE, STATE_FILE, load_run_model, save_weights};
+use reformer_model::data::DuplicationTask;
 use reformer_model::device::select_device;
+use reformer_model::hf::{HfArchitecture, load_hf_checkpoint, load_rotations, save_hf_checkpoint};
 use reformer_model::loss::{causal_lm_outputs, weighted_accuracy, weighted_cross_entropy};
 use reformer_model::sampling::SamplingPolicy;
+use reformer_model::tokenizer::{SENTENCEPIECE_FILE, Tokenizer};
 use reformer_model::{ForwardContext, ReformerLm};
-use reformer_train::run_dir::{SETTINGS_FILE, read_json};
+use reformer_train::run_dir::{CONFIG_FILE, SETTINGS_FILE, read_json, write_checkpoint, write_json_atomic};
 use reformer_train::settings::{TaskSettings, TrainSettings};
+use reformer_train::trainer::TrainState;
 use serde_json::json;
 
-/// Run a trained Reformer: generate text, score files, evaluate the duplication task.
+/// Run a trained Reformer or a Hugging Face Reformer checkpoint: generate text, score files,
+/// evaluate the duplication task, convert between formats.
 #[derive(Parser, Debug)]
 #[command(version, about, allow_negative_numbers = true)]
 struct Cli {
@@ -37,6 +42,10 @@ enum Command {
     Score(ScoreArgs),
     /// Evaluate a duplication-task run: second-copy accuracy in percent.
     Eval(EvalArgs),
+    /// Convert a Hugging Face checkpoint into a run directory.
+    Convert(ConvertArgs),
+    /// Export a run's model as a Hugging Face checkpoint that transformers loads.
+    Export(ExportArgs),
 }
 
 #[derive(ClapArgs, Debug)]
@@ -52,11 +61,38 @@ struct CommonArgs {
     seed: u64,
 }
 
+/// Model source and LSH rotations.
+#[derive(ClapArgs, Debug)]
+struct ModelArgs {
+    /// Run directory written by reformer-train (or by `convert`).
+    #[arg(long, value_name = "DIR", required_unless_present = "hf", conflicts_with = "hf")]
+    run: Option<PathBuf>,
+    /// Hugging Face checkpoint folder: config.json and model.safetensors or pytorch_model.bin,
+    /// plus spiece.model when the checkpoint uses SentencePiece.
+    #[arg(long, value_name = "DIR")]
+    hf: Option<PathBuf>,
+    /// With --hf, load even if tensors are missing, unexpected or mis-shaped; missing ones keep
+    /// random initial values. The report goes to standard error.
+    #[arg(long, requires = "hf")]
+    allow_partial: bool,
+    /// Safetensors file of LSH rotations to use in every forward call instead of random ones:
+    /// one f32 tensor `layers.<i>.rotations` per LSH layer (i: index in attn_layers), in Hugging
+    /// Face's layout [n_heads, d_head, n_hashes, rot_size / 2].
+    #[arg(long, value_name = "FILE")]
+    rotations: Option<PathBuf>,
+    /// Backend: `cpu` (the faster CPU backend compiled in), `ndarray`, `flex` or `wgpu`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seed of the LSH hash rotations (and of sampling in generate).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 #[derive(ClapArgs, Debug)]
 struct GenerateArgs {
     #[command(flatten)]
-    common: CommonArgs,
-    /// Prompt: text for a byte-level run; space-separated token ids for a duplication run.
+    model: ModelArgs,
+    /// Prompt: text for a text model; space-separated token ids for a duplication run.
     #[arg(long)]
     prompt: String,
     /// Tokens to generate.
@@ -76,11 +112,12 @@ struct GenerateArgs {
 #[derive(ClapArgs, Debug)]
 struct ScoreArgs {
     #[command(flatten)]
-    common: CommonArgs,
-    /// Print one JSON object per line: per file, then the total with "file": null.
+    model: ModelArgs,
+    /// Print one JSON object per line, per file and then the total with "file": null, with
+    /// numbers at full precision.
     #[arg(long)]
     json: bool,
-    /// Files to score, read as bytes.
+    /// Files to score: read as bytes by a byte-level model, as UTF-8 text by a SentencePiece one.
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
 }
@@ -100,6 +137,33 @@ struct EvalArgs {
     batch_size: usize,
 }
 
+#[derive(ClapArgs, Debug)]
+struct ConvertArgs {
+    /// Hugging Face checkpoint folder.
+    #[arg(long, value_name = "DIR")]
+    hf: PathBuf,
+    /// Run directory to write: config.json, one checkpoint, and spiece.model if the checkpoint
+    /// has one.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Load even if tensors are missing, unexpected or mis-shaped.
+    #[arg(long)]
+    allow_partial: bool,
+    /// Replace a run already in --out.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(ClapArgs, Debug)]
+struct ExportArgs {
+    /// Run directory written by reformer-train or `convert`.
+    #[arg(long, value_name = "DIR")]
+    run: PathBuf,
+    /// Folder to write the checkpoint to (config.json and model.safetensors); created if needed.
+    #[arg(long, value_name = "DIR")]
+    hf_out: PathBuf,
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -107,6 +171,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(args),
         Command::Score(args) => score(args),
         Command::Eval(args) => eval(args),
+        Command::Convert(args) => convert(args),
+        Command::Export(args) => export(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -117,8 +183,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Returns the duplication task a run was trained on, or `None` for a byte-level run. A run
-/// directory without `train.json` (one not written by reformer-train) counts as byte-level.
+/// Returns the duplication task a run was trained on, or `None` for a text run. A run
+/// directory without `train.json` (one written by `convert`) counts as a text run.
 fn duplication_task(run: &Path) -> anyhow::Result<Option<DuplicationTask>> {
     if !run.is_dir() {
         bail!("run directory {} not found; pass the --out folder of a reformer-train run", run.display());
@@ -141,16 +207,66 @@ fn load(common: &CommonArgs) -> anyhow::Result<(ReformerLm, Device)> {
     Ok((model, device))
 }
 
+/// Model input: token ids of the duplication task, or text through a tokenizer.
+enum Input {
+    Duplication,
+    Text(Tokenizer),
+}
+
+/// A model ready to run, with what it reads and what its head computes.
+struct Loaded {
+    model: ReformerLm,
+    device: Device,
+    architecture: HfArchitecture,
+    input: Input,
+    ctx: ForwardContext,
+    /// `run DIR` or `checkpoint DIR`, for messages.
+    source: String,
+}
+
+/// Loads the model of `--run` or `--hf`, with the rotations of `--rotations`.
+fn load_model(args: &ModelArgs) -> anyhow::Result<Loaded> {
+    let device = select_device(&args.device)?;
+    let (model, architecture, input, source) = match (&args.run, &args.hf) {
+        (Some(run), _) => {
+            let duplication = duplication_task(run)?.is_some();
+            let model = load_run_model(run, &device).with_context(|| format!("failed to load the model of run {}", run.display()))?;
+            let input = if duplication { Input::Duplication } else { Input::Text(Tokenizer::for_checkpoint(run, model.config().vocab_size)?) };
+            let architecture = HfArchitecture::for_config(model.config());
+            (model, architecture, input, format!("run {}", run.display()))
+        }
+        (None, Some(dir)) => {
+            let checkpoint = load_hf_checkpoint(dir, &device, args.allow_partial)
+                .with_context(|| format!("failed to load the Hugging Face checkpoint {}", dir.display()))?;
+            if !checkpoint.report.is_complete() {
+                eprintln!("warning: partial load of {}: {}", dir.display(), checkpoint.report);
+            }
+            let tokenizer = Tokenizer::for_checkpoint(dir, checkpoint.model.config().vocab_size)?;
+            (checkpoint.model, checkpoint.architecture, Input::Text(tokenizer), format!("checkpoint {}", dir.display()))
+        }
+        (None, None) => bail!("no model given: pass --run DIR or --hf DIR"),
+    };
+
+    let mut ctx = ForwardContext::eval(args.seed);
+    if let Some(path) = &args.rotations {
+        ctx.rotations = Some(Arc::new(load_rotations(path, model.config())?));
+    }
+    Ok(Loaded { model, device, architecture, input, ctx, source })
+}
+
 fn ids_tensor(ids: &[i64], device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device)
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let duplication = duplication_task(&args.common.run)?.is_some();
-    let (model, device) = load(&args.common)?;
+    let Loaded { model, device, architecture, input, ctx, source } = load_model(&args.model)?;
     let config = model.config().clone();
-    if !config.is_decoder {
-        bail!("run {} contains a bidirectional (masked-LM) model, which cannot generate left to right; use `score` instead", args.common.run.display());
+    match architecture {
+        HfArchitecture::CausalLm => {}
+        HfArchitecture::MaskedLm => bail!(
+            "{source} contains a bidirectional masked-LM model (ReformerForMaskedLM), which cannot generate left to right; use `score` instead"
+        ),
+        HfArchitecture::Base => bail!("{source} is a bare ReformerModel without an LM head, so it cannot generate"),
     }
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!("invalid --temperature {}: use 0 (greedy) or a positive number", args.temperature);
@@ -158,19 +274,19 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("invalid --top-p {}: use a probability in (0, 1]", args.top_p);
     }
-    let mut ids = if duplication {
-        parse_ids(&args.prompt, config.vocab_size)?
-    } else {
-        bytes_to_ids(args.prompt.as_bytes())
+    let mut ids = match &input {
+        Input::Duplication => parse_ids(&args.prompt, config.vocab_size)?,
+        Input::Text(tokenizer) => tokenizer.encode(&args.prompt)?,
     };
     if ids.is_empty() {
         bail!("the prompt is empty: give at least one token with --prompt");
     }
+    let prompt_len = ids.len();
     let policy = SamplingPolicy { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p };
-    let mut rng = StdRng::seed_from_u64(args.common.seed);
-    let ctx = ForwardContext::eval(args.common.seed);
+    let mut rng = StdRng::seed_from_u64(args.model.seed);
     let max_len = config.max_seq_len();
     let mut stdout = std::io::stdout().lock();
+    let mut printed = 0;
 
     for _ in 0..args.max_new_tokens {
         // The model accepts at most its maximum length, so only the most recent tokens go in.
@@ -183,10 +299,15 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             .context("failed to read logits")?;
         let next = policy.sample(&last, &mut rng) as i64;
         ids.push(next);
-        if duplication {
-            write!(stdout, "{next} ")?;
-        } else {
-            stdout.write_all(&ids_to_bytes(&[next]))?;
+        match &input {
+            Input::Duplication => write!(stdout, "{next} ")?,
+            Input::Text(tokenizer) => {
+                // Pieces can merge on decoding, so the continuation is decoded whole and only
+                // its new bytes are printed.
+                let text = tokenizer.decode(&ids[prompt_len..])?;
+                stdout.write_all(&text[printed.min(text.len())..])?;
+                printed = text.len();
+            }
         }
         stdout.flush()?;
         if config.eos_token_id == Some(next as usize) {
@@ -240,33 +361,48 @@ impl ScoreTotals {
 }
 
 fn score(args: ScoreArgs) -> anyhow::Result<()> {
-    if duplication_task(&args.common.run)?.is_some() {
-        bail!("run {} is a duplication-task run, which scores no text; use `eval`", args.common.run.display());
+    let Loaded { model, device, architecture, input, ctx, source } = load_model(&args.model)?;
+    let Input::Text(tokenizer) = input else {
+        bail!("{source} is a duplication-task run, which scores no text; use `eval`");
+    };
+    if architecture == HfArchitecture::Base {
+        bail!("{source} is a bare ReformerModel without an LM head, so it cannot score text");
     }
-    let (model, device) = load(&args.common)?;
-    let ctx = ForwardContext::eval(args.common.seed);
     let window = model.config().max_seq_len();
     let mut total = ScoreTotals::default();
 
     for file in &args.files {
         let bytes = std::fs::read(file).with_context(|| format!("failed to read {}", file.display()))?;
-        let ids = bytes_to_ids(&bytes);
+        let ids = tokenizer.encode_bytes(&bytes)?;
         let mut totals = ScoreTotals::default();
-        // Non-overlapping windows; the first token of each window has no prediction.
-        for chunk in ids.chunks(window).filter(|c| c.len() >= 2) {
+        // Non-overlapping windows. A causal model has no prediction for the first token of a
+        // window; a masked LM scores every token at its own position.
+        for chunk in ids.chunks(window) {
             let input = ids_tensor(chunk, &device);
             let weights = Tensor::<2>::ones([1, chunk.len()], &device);
-            let (logits, targets, weights) = causal_lm_outputs(&model, input, weights, &ctx)?;
-            let loss = weighted_cross_entropy(logits, targets, weights).into_scalar::<f32>() as f64;
-            let scored = chunk.len() - 1;
+            let (loss, scored) = match architecture {
+                HfArchitecture::MaskedLm => {
+                    let logits = model.forward(input.clone(), None, &ctx)?;
+                    (weighted_cross_entropy(logits, input, weights), chunk.len())
+                }
+                _ if chunk.len() < 2 => continue,
+                _ => {
+                    let (logits, targets, weights) = causal_lm_outputs(&model, input, weights, &ctx)?;
+                    (weighted_cross_entropy(logits, targets, weights), chunk.len() - 1)
+                }
+            };
+            let loss = loss.into_scalar::<f32>() as f64;
             totals.nats += loss * scored as f64;
             totals.tokens += scored;
-            // One token is one byte in a byte-level model.
-            totals.bytes += scored;
         }
         if totals.tokens == 0 {
-            bail!("{} has {} bytes, too few to score: a file needs at least 2 bytes", file.display(), bytes.len());
+            bail!("{} has {} bytes, too few to score: a file needs at least 2 tokens", file.display(), bytes.len());
         }
+        totals.bytes = match tokenizer {
+            // One token is one byte, and unscored first tokens cover no scored byte.
+            Tokenizer::Bytes => totals.tokens,
+            Tokenizer::SentencePiece(_) => bytes.len(),
+        };
         print_score(Some(file), &totals, args.json);
         total.add(&totals);
     }
@@ -325,5 +461,68 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
 
     let hashes = args.num_hashes.unwrap_or(model.config().num_hashes);
     println!("second-copy accuracy: {:.2}% ({correct}/{counted} tokens, hash rounds: {hashes})", 100.0 * correct as f64 / counted.max(1) as f64);
+    Ok(())
+}
+
+fn convert(args: ConvertArgs) -> anyhow::Result<()> {
+    let occupied = args.out.join(CONFIG_FILE).exists() || args.out.join(CHECKPOINTS_DIR).exists();
+    if occupied && !args.force {
+        bail!("{} already contains a run; pass --force to replace it or choose another --out", args.out.display());
+    }
+    let device = select_device("cpu")?;
+    let checkpoint = load_hf_checkpoint(&args.hf, &device, args.allow_partial)
+        .with_context(|| format!("failed to load the Hugging Face checkpoint {}", args.hf.display()))?;
+    if !checkpoint.report.is_complete() {
+        eprintln!("warning: partial load of {}: {}", args.hf.display(), checkpoint.report);
+    }
+    if checkpoint.architecture == HfArchitecture::Base {
+        bail!("{} is a bare ReformerModel without an LM head; a run directory needs an LM-head model", args.hf.display());
+    }
+    // Validate the tokenizer before anything is written.
+    Tokenizer::for_checkpoint(&args.hf, checkpoint.model.config().vocab_size)?;
+
+    if occupied {
+        for path in [args.out.join(CONFIG_FILE), args.out.join(SETTINGS_FILE), args.out.join(SENTENCEPIECE_FILE)] {
+            if path.exists() {
+                std::fs::remove_file(&path).with_context(|| format!("failed to remove {}", path.display()))?;
+            }
+        }
+        let checkpoints = args.out.join(CHECKPOINTS_DIR);
+        if checkpoints.exists() {
+            std::fs::remove_dir_all(&checkpoints).with_context(|| format!("failed to remove {}", checkpoints.display()))?;
+        }
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("failed to create {}", args.out.display()))?;
+    let spiece = args.hf.join(SENTENCEPIECE_FILE);
+    if spiece.is_file() {
+        std::fs::copy(&spiece, args.out.join(SENTENCEPIECE_FILE)).with_context(|| format!("failed to copy {}", spiece.display()))?;
+    }
+    // The checkpoint goes first and the config last: a run directory counts as one once its
+    // config exists, so an interrupted conversion leaves none.
+    let model = &checkpoint.model;
+    write_checkpoint(&args.out, 0, |dir| {
+        save_weights(model, &dir.join(MODEL_FILE)).map_err(|e| e.to_string())?;
+        // The state file marks the checkpoint complete. Step 0 records that no training happened.
+        let state = TrainState { step: 0, seed: 0 };
+        write_json_atomic(&dir.join(STATE_FILE), &state).map_err(|e| e.to_string())
+    })?;
+    write_json_atomic(&args.out.join(CONFIG_FILE), model.config())?;
+    println!("wrote run directory {} ({})", args.out.display(), checkpoint.architecture.class_name());
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    if !args.run.is_dir() {
+        bail!("run directory {} not found; pass the --out folder of a reformer-train or convert run", args.run.display());
+    }
+    let device = select_device("cpu")?;
+    let model = load_run_model(&args.run, &device).with_context(|| format!("failed to load the model of run {}", args.run.display()))?;
+    let architecture = HfArchitecture::for_config(model.config());
+    save_hf_checkpoint(&model, architecture, &args.hf_out)?;
+    let spiece = args.run.join(SENTENCEPIECE_FILE);
+    if spiece.is_file() {
+        std::fs::copy(&spiece, args.hf_out.join(SENTENCEPIECE_FILE)).with_context(|| format!("failed to copy {}", spiece.display()))?;
+    }
+    println!("wrote Hugging Face checkpoint {} ({})", args.hf_out.display(), architecture.class_name());
     Ok(())
 }
