@@ -34,8 +34,9 @@ use std::sync::Arc;
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
+use burn::tensor::DType;
 use burn::store::{
-    ApplyError, ApplyResult, BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
+    ApplyError, ApplyResult, BurnToPyTorchAdapter, ChainAdapter, FloatCastAdapter, KeyRemapper, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
     PytorchStore, SafetensorsStore,
 };
 use serde_json::{Map, Value};
@@ -528,9 +529,11 @@ impl WeightsReader {
         let remapper = exact_remapper(pairs.chain(table.iter().map(|e| (e.hf.as_str(), e.path.as_str()))));
         match self {
             Self::Safetensors(path, store) => {
+                // Half-precision checkpoints load as f32, the type the model computes in.
+                let adapter = ChainAdapter::new(PyTorchToBurnAdapter, FloatCastAdapter::to(DType::F32));
                 let mut store = store
                     .remap(remapper)
-                    .with_from_adapter(PyTorchToBurnAdapter)
+                    .with_from_adapter(adapter)
                     .allow_partial(true)
                     .validate(false)
                     .map_indices_contiguous(false);
@@ -742,6 +745,28 @@ mod tests {
         assert!(from_pickle.report.is_complete(), "{}", from_pickle.report);
         assert_eq!(from_pickle.architecture, HfArchitecture::CausalLm);
         assert_eq!(logits(&from_pickle.model), logits(&from_safetensors.model));
+    }
+
+    #[test]
+    fn half_precision_weights_load_as_f32() {
+        let original = load_hf_checkpoint(&fixture("wrap_rounds"), &test_device(), false).unwrap();
+        let dir = edited_copy("wrap_rounds", |tensors| {
+            for (dtype, _, data) in tensors.values_mut() {
+                if *dtype == safetensors::Dtype::F32 {
+                    *dtype = safetensors::Dtype::F16;
+                    *data = data
+                        .chunks_exact(4)
+                        .flat_map(|b| half::f16::from_f32(f32::from_le_bytes(b.try_into().unwrap())).to_le_bytes())
+                        .collect();
+                }
+            }
+        });
+        let half = load_hf_checkpoint(dir.path(), &test_device(), false).unwrap();
+        assert!(half.report.is_complete(), "{}", half.report);
+        // f16 keeps about 3 significant digits.
+        let (ours, reference) = (logits(&half.model), logits(&original.model));
+        let scale = reference.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        assert_close(&ours, &reference, 2e-2 * scale);
     }
 
     #[test]
