@@ -1,7 +1,7 @@
 //! `reformer-train`: trains a Reformer language model. With no arguments it trains the
 //! embedded default, the duplication task of the Reformer paper.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -85,6 +85,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reads `--config`: this project's format, or a Hugging Face `config.json` (recognised by its
+/// `model_type` key), whose bookkeeping keys are ignored.
+fn load_config(path: &Path) -> anyhow::Result<ReformerConfig> {
+    let is_hf = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .is_some_and(|value| value.get("model_type").is_some());
+    if is_hf {
+        Ok(reformer_model::hf::read_hf_config(path)?.0)
+    } else {
+        Ok(ReformerConfig::load(path)?)
+    }
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let preset_name = match (&args.preset, args.data.is_empty()) {
         (Some(name), _) => name.clone(),
@@ -94,7 +108,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let defaults = preset(&preset_name)
         .map_err(|_| anyhow::anyhow!("invalid --preset {preset_name}: use one of {}", PRESET_NAMES.join(", ")))?;
     let config = match &args.config {
-        Some(path) => ReformerConfig::load(path)?,
+        Some(path) => load_config(path)?,
         None => defaults.config.clone(),
     };
     let task = if args.data.is_empty() {
