@@ -40,6 +40,18 @@ pub enum DeviceError {
         /// The backends compiled in, comma-separated.
         compiled: String,
     },
+    /// wgpu is compiled in but found no usable adapter (GPU or software driver).
+    #[error(
+        "--device wgpu found no usable GPU adapter ({message}); this build has cpu, {compiled}. Install a \
+         Vulkan, Metal or DX12 driver (on Linux without a GPU: apt-get install mesa-vulkan-drivers) or pass \
+         --device cpu"
+    )]
+    NoAdapter {
+        /// wgpu's message.
+        message: String,
+        /// The backends compiled in, comma-separated.
+        compiled: String,
+    },
 }
 
 /// Returns the device for `name`: `cpu` (the faster CPU backend compiled in), `ndarray`,
@@ -53,7 +65,7 @@ pub fn select_device(name: &str) -> Result<Device, DeviceError> {
         #[cfg(feature = "flex")]
         "flex" => Ok(Device::flex()),
         #[cfg(feature = "wgpu")]
-        "wgpu" => Ok(Device::wgpu(Default::default())),
+        "wgpu" => wgpu_device(),
         _ => Err(DeviceError::NotCompiled {
             name: name.to_string(),
             compiled: match compiled_backends().join(", ") {
@@ -61,5 +73,26 @@ pub fn select_device(name: &str) -> Result<Device, DeviceError> {
                 list => list,
             },
         }),
+    }
+}
+
+/// Initialises wgpu once per process on the default adapter and returns its device, or a
+/// clear error when there is none. Without this check the first tensor operation would panic.
+#[cfg(feature = "wgpu")]
+fn wgpu_device() -> Result<Device, DeviceError> {
+    use std::sync::OnceLock;
+
+    use burn::backend::wgpu::graphics::AutoGraphicsApi;
+    use burn::backend::wgpu::{RuntimeOptions, WgpuDevice, try_init_setup};
+
+    static SETUP: OnceLock<Result<(), String>> = OnceLock::new();
+    let setup = SETUP.get_or_init(|| {
+        try_init_setup::<AutoGraphicsApi>(&WgpuDevice::default(), RuntimeOptions::default())
+            .map(drop)
+            .map_err(|error| error.to_string())
+    });
+    match setup {
+        Ok(()) => Ok(Device::wgpu(Default::default())),
+        Err(message) => Err(DeviceError::NoAdapter { message: message.clone(), compiled: compiled_backends().join(", ") }),
     }
 }

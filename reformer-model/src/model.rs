@@ -458,4 +458,21 @@ mod tests {
         let unmasked = model.forward(ids, None, &ctx).unwrap();
         assert_close(&values(unmasked), &values(expected), 1e-6);
     }
+
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn wgpu_forward_matches_cpu() {
+        let config = small_config(vec![AttentionKind::Local, AttentionKind::Lsh, AttentionKind::Local, AttentionKind::Lsh], 8, [8, 8], true);
+        let mask = KeyMask::from_lengths(&[40, 27], 40);
+        let ctx = ForwardContext::eval(9);
+        let run = |device: &Device| {
+            // The same seed gives the same weights on every backend.
+            let model = ReformerLm::new(&config, 3, device).unwrap();
+            let ids = ids_tensor(random_ids(2, 40, 9), 2, device);
+            values(model.forward(ids, Some(&mask), &ctx).unwrap())
+        };
+        let wgpu = crate::device::select_device("wgpu").expect("a wgpu adapter (Mesa's lavapipe is enough)");
+        assert_close(&run(&wgpu), &run(&test_device()), 1e-4);
+    }
 }
+
