@@ -20,7 +20,8 @@ use reformer_model::loss::{causal_lm_outputs, weighted_accuracy, weighted_cross_
 use reformer_model::sampling::SamplingPolicy;
 use reformer_model::tokenizer::{SENTENCEPIECE_FILE, Tokenizer};
 use reformer_model::{ForwardContext, ReformerLm};
-use reformer_train::run_dir::{CONFIG_FILE, SETTINGS_FILE, read_json, write_checkpoint, write_json_atomic};
+use reformer_train::plot::PLOT_FILE;
+use reformer_train::run_dir::{CONFIG_FILE, METRICS_FILE, SETTINGS_FILE, read_json, write_checkpoint, write_json_atomic};
 use reformer_train::settings::{TaskSettings, TrainSettings};
 use reformer_train::trainer::TrainState;
 use serde_json::json;
@@ -176,11 +177,19 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that closed the pipe early (`| head`) has all the output it wants.
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// Returns the duplication task a run was trained on, or `None` for a text run. A run
@@ -403,14 +412,15 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
             Tokenizer::Bytes => totals.tokens,
             Tokenizer::SentencePiece(_) => bytes.len(),
         };
-        print_score(Some(file), &totals, args.json);
+        print_score(Some(file), &totals, args.json)?;
         total.add(&totals);
     }
-    print_score(None, &total, args.json);
+    print_score(None, &total, args.json)?;
     Ok(())
 }
 
-fn print_score(file: Option<&PathBuf>, totals: &ScoreTotals, as_json: bool) {
+fn print_score(file: Option<&PathBuf>, totals: &ScoreTotals, as_json: bool) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
     if as_json {
         let line = json!({
             "file": file.map(|f| f.display().to_string()),
@@ -419,16 +429,17 @@ fn print_score(file: Option<&PathBuf>, totals: &ScoreTotals, as_json: bool) {
             "bits_per_token": totals.bits_per_token(),
             "bits_per_byte": totals.bits_per_byte(),
         });
-        println!("{line}");
+        writeln!(stdout, "{line}")
     } else {
         let name = file.map_or("total".to_string(), |f| f.display().to_string());
-        println!(
+        writeln!(
+            stdout,
             "{name}: {} tokens, loss {:.4} nats, {:.4} bits/token, {:.4} bits/byte",
             totals.tokens,
             totals.loss(),
             totals.bits_per_token(),
             totals.bits_per_byte()
-        );
+        )
     }
 }
 
@@ -482,7 +493,7 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     Tokenizer::for_checkpoint(&args.hf, checkpoint.model.config().vocab_size)?;
 
     if occupied {
-        for path in [args.out.join(CONFIG_FILE), args.out.join(SETTINGS_FILE), args.out.join(SENTENCEPIECE_FILE)] {
+        for path in [args.out.join(CONFIG_FILE), args.out.join(SETTINGS_FILE), args.out.join(METRICS_FILE), args.out.join(PLOT_FILE)] {
             if path.exists() {
                 std::fs::remove_file(&path).with_context(|| format!("failed to remove {}", path.display()))?;
             }
@@ -493,10 +504,7 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
         }
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("failed to create {}", args.out.display()))?;
-    let spiece = args.hf.join(SENTENCEPIECE_FILE);
-    if spiece.is_file() {
-        std::fs::copy(&spiece, args.out.join(SENTENCEPIECE_FILE)).with_context(|| format!("failed to copy {}", spiece.display()))?;
-    }
+    copy_tokenizer(&args.hf, &args.out)?;
     // The checkpoint goes first and the config last: a run directory counts as one once its
     // config exists, so an interrupted conversion leaves none.
     let model = &checkpoint.model;
@@ -515,14 +523,29 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
     if !args.run.is_dir() {
         bail!("run directory {} not found; pass the --out folder of a reformer-train or convert run", args.run.display());
     }
+    // A run directory's config.json is in this project's format; exporting over it would
+    // break the run.
+    if args.hf_out.join(CHECKPOINTS_DIR).exists() {
+        bail!("--hf-out {} contains a run directory; export to another folder", args.hf_out.display());
+    }
     let device = select_device("cpu")?;
     let model = load_run_model(&args.run, &device).with_context(|| format!("failed to load the model of run {}", args.run.display()))?;
     let architecture = HfArchitecture::for_config(model.config());
     save_hf_checkpoint(&model, architecture, &args.hf_out)?;
-    let spiece = args.run.join(SENTENCEPIECE_FILE);
-    if spiece.is_file() {
-        std::fs::copy(&spiece, args.hf_out.join(SENTENCEPIECE_FILE)).with_context(|| format!("failed to copy {}", spiece.display()))?;
-    }
+    copy_tokenizer(&args.run, &args.hf_out)?;
     println!("wrote Hugging Face checkpoint {} ({})", args.hf_out.display(), architecture.class_name());
     Ok(())
 }
+
+/// Copies `spiece.model` from `from` to `to`, or removes a stale one from `to` when `from` has
+/// none, so that the folder's tokenizer always belongs to its model.
+fn copy_tokenizer(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let (source, target) = (from.join(SENTENCEPIECE_FILE), to.join(SENTENCEPIECE_FILE));
+    if source.is_file() {
+        std::fs::copy(&source, &target).with_context(|| format!("failed to copy {}", source.display()))?;
+    } else if target.exists() {
+        std::fs::remove_file(&target).with_context(|| format!("failed to remove the stale {}", target.display()))?;
+    }
+    Ok(())
+}
+
