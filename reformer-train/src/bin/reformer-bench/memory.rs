@@ -92,7 +92,11 @@ struct StepReport {
 /// Runs every configuration in a child process and prints a Markdown table.
 pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
     ensure!(!args.depths.is_empty(), "invalid --depths: give at least one depth, such as --depths 2,6,12");
-    build_config(&args.model, args.depths[0])?; // reject bad sizes before spawning anything
+    // Reject bad arguments before any child starts.
+    for &depth in &args.depths {
+        build_config(&args.model, depth)?;
+    }
+    select_device(&args.model.device)?;
     let exe = std::env::current_exe().context("failed to locate the reformer-bench executable")?;
     let modes: &[bool] = if args.reversible_only { &[false] } else { &[false, true] };
     let m = &args.model;
@@ -143,10 +147,12 @@ fn spawn_step(exe: &std::path::Path, m: &ModelArgs, depth: usize, plain: bool) -
     }
     let output = command.output().context("failed to start a measurement process")?;
     if !output.status.success() {
+        // A child killed by a signal (often the kernel's out-of-memory killer) prints nothing.
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        let reason = if stderr.is_empty() { format!("the process ended with {}", output.status) } else { stderr };
         bail!(
-            "the measurement at {depth} layers ({}) failed: {}",
-            if plain { "plain autodiff" } else { "reversible node" },
-            String::from_utf8_lossy(&output.stderr).trim()
+            "the measurement at {depth} layers ({}) failed: {reason}",
+            if plain { "plain autodiff" } else { "reversible node" }
         );
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -189,8 +195,10 @@ pub fn run_step(args: &StepArgs) -> anyhow::Result<()> {
 /// heads of 64, an axial position shape whose product is `seq_len`, and no dropout.
 fn build_config(m: &ModelArgs, depth: usize) -> anyhow::Result<ReformerConfig> {
     ensure!(depth > 0, "invalid --depths value 0: every depth needs at least one layer");
+    ensure!(m.batch_size > 0, "invalid --batch-size 0: use at least one sequence");
+    ensure!(m.chunk_len > 0, "invalid --chunk-len 0: use a positive chunk length such as 64");
     ensure!(
-        m.chunk_len > 0 && m.seq_len >= m.chunk_len && m.seq_len % m.chunk_len == 0,
+        m.seq_len >= m.chunk_len && m.seq_len % m.chunk_len == 0,
         "invalid --seq-len {}: use a multiple of --chunk-len {}",
         m.seq_len,
         m.chunk_len
