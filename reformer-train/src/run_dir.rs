@@ -12,6 +12,7 @@ use reformer_model::ReformerConfig;
 use reformer_model::checkpoint::{CHECKPOINTS_DIR, latest_checkpoint};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use crate::settings::TrainSettings;
 use crate::trainer::ExistingRun;
@@ -105,10 +106,19 @@ pub fn prepare(
                     return Err(RunDirError::Mismatch {
                         path: run_dir.to_path_buf(),
                         file: SETTINGS_FILE,
-                        detail: "only --steps and --device may change on resume".into(),
+                        detail: format!(
+                            "{}; only --steps, --device and --no-reversible may change on resume",
+                            settings_difference(&comparable, settings)
+                        ),
                     });
                 }
                 resume_from = latest_checkpoint(run_dir).ok();
+                if resume_from.is_none() {
+                    // Killed before its first checkpoint: the run starts over, and the metrics of
+                    // the lost attempt would otherwise repeat its first steps.
+                    log::warn!("no complete checkpoint in {}: the run restarts from step 0", run_dir.display());
+                    trim_metrics(run_dir, 0)?;
+                }
             }
         }
     }
@@ -116,6 +126,19 @@ pub fn prepare(
     write_json_atomic(&run_dir.join(CONFIG_FILE), config)?;
     write_json_atomic(&run_dir.join(SETTINGS_FILE), settings)?;
     Ok(resume_from)
+}
+
+/// Lists the settings that differ, as `name: saved value, given value`.
+fn settings_difference(saved: &TrainSettings, given: &TrainSettings) -> String {
+    let (Ok(Value::Object(saved)), Ok(Value::Object(given))) = (serde_json::to_value(saved), serde_json::to_value(given)) else {
+        unreachable!("TrainSettings serialises to a JSON object")
+    };
+    let differences: Vec<String> = saved
+        .iter()
+        .filter(|(name, value)| given.get(*name) != Some(*value))
+        .map(|(name, value)| format!("{name} is {value} in the saved run but {} now", given.get(name).unwrap_or(&Value::Null)))
+        .collect();
+    differences.join(", ")
 }
 
 /// Reads a JSON file.
@@ -201,3 +224,52 @@ pub fn write_checkpoint(
     }
     Ok(target)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{TaskSettings, preset};
+
+    fn settings() -> TrainSettings {
+        TrainSettings {
+            task: TaskSettings::Duplication { n_symbols: 16 },
+            steps: 10,
+            batch_size: 2,
+            seq_len: 32,
+            lr: 1e-3,
+            warmup_steps: 1,
+            grad_accum: 1,
+            seed: 0,
+            device: "cpu".into(),
+            clip_norm: 1.0,
+            eval_every: 5,
+            checkpoint_every: 5,
+            reversible: true,
+        }
+    }
+
+    #[test]
+    fn resume_mismatch_names_field_and_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = preset("duplication").unwrap().config;
+        prepare(dir.path(), &config, &settings(), ExistingRun::Refuse).unwrap();
+
+        let changed = TrainSettings { checkpoint_every: 7, ..settings() };
+        let error = prepare(dir.path(), &config, &changed, ExistingRun::Resume).unwrap_err().to_string();
+        assert!(error.contains("checkpoint_every is 5 in the saved run but 7 now"), "{error}");
+    }
+
+    #[test]
+    fn resume_without_checkpoint_restarts_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = preset("duplication").unwrap().config;
+        prepare(dir.path(), &config, &settings(), ExistingRun::Refuse).unwrap();
+        append_metric(dir.path(), &serde_json::json!({ "step": 1, "loss": 2.0 })).unwrap();
+
+        let resume_from = prepare(dir.path(), &config, &settings(), ExistingRun::Resume).unwrap();
+        assert_eq!(resume_from, None);
+        let metrics = fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
+        assert_eq!(metrics, "", "metrics of the attempt without a checkpoint are dropped");
+    }
+}
+

@@ -48,7 +48,10 @@ pub enum TrainError {
     #[error(transparent)]
     Input(#[from] reformer_model::InputError),
     /// The loss became NaN or infinite.
-    #[error("loss is {loss} at step {step}; the last good checkpoint is kept in {run_dir}/checkpoints. Lower the learning rate (--lr, now {lr}) and resume with --resume")]
+    #[error(
+        "loss is {loss} at step {step}; checkpoints written before it are kept in {run_dir}/checkpoints. \
+         Start over with a lower learning rate (--lr, now {lr}) and --force, or choose another --out"
+    )]
     Diverged {
         /// Step that diverged.
         step: u64,
