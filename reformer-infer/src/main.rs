@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use reformer_model::checkpoint::{CHECKPOINTS_DIR, MODEL_FILE, STATE_FILE, load_run_model, save_weights};
 use reformer_model::data::DuplicationTask;
 use reformer_model::device::select_device;
-use reformer_model::hf::{HfArchitecture, load_hf_checkpoint, load_rotations, save_hf_checkpoint};
+use reformer_model::hf::{HfArchitecture, HfCheckpoint, load_hf_checkpoint, load_rotations, save_hf_checkpoint};
 use reformer_model::loss::{causal_lm_outputs, weighted_accuracy, weighted_cross_entropy};
 use reformer_model::sampling::SamplingPolicy;
 use reformer_model::tokenizer::{SENTENCEPIECE_FILE, Tokenizer};
@@ -211,9 +211,24 @@ fn duplication_task(run: &Path) -> anyhow::Result<Option<DuplicationTask>> {
 
 fn load(common: &CommonArgs) -> anyhow::Result<(ReformerLm, Device)> {
     let device = select_device(&common.device)?;
-    let model = load_run_model(&common.run, &device)
-        .with_context(|| format!("failed to load the model of run {}", common.run.display()))?;
+    let model = load_run(&common.run, &device)?;
     Ok((model, device))
+}
+
+/// Loads the model of a run directory's newest checkpoint.
+fn load_run(run: &Path, device: &Device) -> anyhow::Result<ReformerLm> {
+    load_run_model(run, device).with_context(|| format!("failed to load the model of run {}", run.display()))
+}
+
+/// Loads a Hugging Face checkpoint, printing a warning when `allow_partial` let an incomplete
+/// load through.
+fn load_hf(dir: &Path, device: &Device, allow_partial: bool) -> anyhow::Result<HfCheckpoint> {
+    let checkpoint = load_hf_checkpoint(dir, device, allow_partial)
+        .with_context(|| format!("failed to load the Hugging Face checkpoint {}", dir.display()))?;
+    if !checkpoint.report.is_complete() {
+        eprintln!("warning: partial load of {}: {}", dir.display(), checkpoint.report);
+    }
+    Ok(checkpoint)
 }
 
 /// Model input: token ids of the duplication task, or text through a tokenizer.
@@ -239,17 +254,13 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<Loaded> {
     let (model, architecture, input, source) = match (&args.run, &args.hf) {
         (Some(run), _) => {
             let duplication = duplication_task(run)?.is_some();
-            let model = load_run_model(run, &device).with_context(|| format!("failed to load the model of run {}", run.display()))?;
+            let model = load_run(run, &device)?;
             let input = if duplication { Input::Duplication } else { Input::Text(Tokenizer::for_checkpoint(run, model.config().vocab_size)?) };
             let architecture = HfArchitecture::for_config(model.config());
             (model, architecture, input, format!("run {}", run.display()))
         }
         (None, Some(dir)) => {
-            let checkpoint = load_hf_checkpoint(dir, &device, args.allow_partial)
-                .with_context(|| format!("failed to load the Hugging Face checkpoint {}", dir.display()))?;
-            if !checkpoint.report.is_complete() {
-                eprintln!("warning: partial load of {}: {}", dir.display(), checkpoint.report);
-            }
+            let checkpoint = load_hf(dir, &device, args.allow_partial)?;
             let tokenizer = Tokenizer::for_checkpoint(dir, checkpoint.model.config().vocab_size)?;
             (checkpoint.model, checkpoint.architecture, Input::Text(tokenizer), format!("checkpoint {}", dir.display()))
         }
@@ -481,11 +492,7 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
         bail!("{} already contains a run; pass --force to replace it or choose another --out", args.out.display());
     }
     let device = select_device("cpu")?;
-    let checkpoint = load_hf_checkpoint(&args.hf, &device, args.allow_partial)
-        .with_context(|| format!("failed to load the Hugging Face checkpoint {}", args.hf.display()))?;
-    if !checkpoint.report.is_complete() {
-        eprintln!("warning: partial load of {}: {}", args.hf.display(), checkpoint.report);
-    }
+    let checkpoint = load_hf(&args.hf, &device, args.allow_partial)?;
     if checkpoint.architecture == HfArchitecture::Base {
         bail!("{} is a bare ReformerModel without an LM head; a run directory needs an LM-head model", args.hf.display());
     }
@@ -529,7 +536,7 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
         bail!("--hf-out {} contains a run directory; export to another folder", args.hf_out.display());
     }
     let device = select_device("cpu")?;
-    let model = load_run_model(&args.run, &device).with_context(|| format!("failed to load the model of run {}", args.run.display()))?;
+    let model = load_run(&args.run, &device)?;
     let architecture = HfArchitecture::for_config(model.config());
     save_hf_checkpoint(&model, architecture, &args.hf_out)?;
     copy_tokenizer(&args.run, &args.hf_out)?;

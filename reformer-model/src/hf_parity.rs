@@ -1,13 +1,12 @@
 //! Parity with Hugging Face transformers 5.25 on the fixtures that
-//! `assets/hf-fixtures/generate.py` wrote: each case's checkpoint is imported, run on the same
-//! inputs with the rotations HF drew, and compared with HF's bucket ids, logits (or hidden
-//! states), training loss and gradients.
+//! `assets/hf-fixtures/generate.py` wrote. Each case's checkpoint is imported and run on the
+//! same inputs with the rotations HF drew. The outputs are compared with HF's bucket ids,
+//! logits (or hidden states), training loss and gradients.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use safetensors::{Dtype, SafeTensors};
@@ -17,7 +16,7 @@ use crate::config::AttentionKind;
 use crate::context::{BucketMemo, ForwardContext, KeyMask};
 use crate::hf::{HfArchitecture, HfCheckpoint, key_table, load_hf_checkpoint};
 use crate::loss::{causal_lm_outputs, weighted_cross_entropy};
-use crate::testing::test_device;
+use crate::testing::{GradSource, ParamGrad, grads_by_path, test_device};
 
 /// Gradients must agree to this fraction of the largest reference entry.
 const GRADIENT_TOLERANCE: f32 = 1e-4;
@@ -110,13 +109,6 @@ fn check_eval(case: &str) {
     assert_eq!(output.dims().to_vec(), expected.shape, "{case}: output shape");
     let output: Vec<f32> = output.try_into_vec_as::<f32>().unwrap();
     let worst = output.iter().zip(&expected.floats).fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
-    if std::env::var("PARITY_DEBUG").is_ok() {
-        let width = expected.shape[2];
-        for (t, (a, e)) in output.chunks(width).zip(expected.floats.chunks(width)).enumerate() {
-            let d = a.iter().zip(e).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-            eprintln!("{case} row {t}: {d:e}");
-        }
-    }
     let allowed = 1e-5 * max_abs(&expected.floats).max(1.0);
     assert!(worst <= allowed, "{case}: max |difference| {worst:e} exceeds {allowed:e}");
 }
@@ -167,7 +159,10 @@ fn check_train(case: &str) {
     assert!((loss_value - expected_loss).abs() <= 1e-5 * expected_loss.abs(), "{case}: loss {loss_value}, HF {expected_loss}");
 
     let grads = loss.backward();
-    let ours = grads_by_path(&model, &grads);
+    let ours: HashMap<String, ParamGrad> = grads_by_path(&model, GradSource::Backward(&grads))
+        .into_iter()
+        .filter_map(|(path, grad)| Some((path, grad?)))
+        .collect();
     let paths: HashMap<String, String> = key_table(model.config(), architecture, false)
         .into_iter()
         .map(|entry| (entry.hf, entry.path))
@@ -196,32 +191,6 @@ fn check_train(case: &str) {
 
 fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     (0..cols).flat_map(|c| (0..rows).map(move |r| values[r * cols + c])).collect()
-}
-
-/// Collects every parameter's gradient by module path.
-fn grads_by_path(model: &impl Module, grads: &burn::tensor::Gradients) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    struct Collect<'a> {
-        grads: &'a burn::tensor::Gradients,
-        path: Vec<String>,
-        found: HashMap<String, (Vec<usize>, Vec<f32>)>,
-    }
-    impl ModuleVisitor for Collect<'_> {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(grad) = param.val().grad(self.grads) {
-                let shape = grad.dims().to_vec();
-                self.found.insert(self.path.join("."), (shape, grad.try_into_vec_as::<f32>().unwrap()));
-            }
-        }
-    }
-    let mut collect = Collect { grads, path: Vec::new(), found: HashMap::new() };
-    model.visit(&mut collect);
-    collect.found
 }
 
 #[test]

@@ -93,12 +93,12 @@ pub trait ReversibleOps: Backend {
     fn reversible_layers(x: FloatTensor<Self>, stack: ReversibleStack) -> FloatTensor<Self>;
 }
 
-/// Runs the stack plainly: the implementation of every backend without autodiff.
+/// Runs the stack plainly: the implementation of every backend without autodiff. Its only
+/// caller, the `Autodiff` implementation, passes layers already stripped of autodiff.
 fn run_plain<B: Backend>(x: FloatTensor<B>, stack: ReversibleStack) -> FloatTensor<B>
 where
     DispatchTensor: DispatchKindConversion<B>,
 {
-    let stack = ReversibleStack { layers: stack.layers.map_each(&mut StripAutodiff), ..stack };
     stack
         .forward(Tensor::from_primitive::<B>(x))
         .try_into_primitive::<B>()
@@ -144,7 +144,7 @@ where
 
         // The forward fills the memo with bucket ids; the backward reads them back.
         let stack = ReversibleStack {
-            layers: stack.layers.map_each(&mut StripAutodiff),
+            layers: stack.layers.into_iter().map(|layer| layer.map(&mut StripAutodiff)).collect(),
             ctx: ForwardContext { buckets: Some(Arc::new(BucketMemo::default())), ..stack.ctx },
             ..stack
         };
@@ -299,17 +299,6 @@ impl ModuleMapper for FreshLeaves<'_> {
     }
 }
 
-/// Applies a mapper to each module of a list.
-trait MapEach {
-    fn map_each(self, mapper: &mut impl ModuleMapper) -> Self;
-}
-
-impl MapEach for Vec<ReformerLayer> {
-    fn map_each(self, mapper: &mut impl ModuleMapper) -> Self {
-        self.into_iter().map(|layer| layer.map(mapper)).collect()
-    }
-}
-
 /// Collects the outer node id and tensor of every trainable parameter.
 struct CollectParamNodes<B: Backend, C: CheckpointStrategy> {
     ids: HashMap<ParamId, NodeId>,
@@ -394,7 +383,7 @@ mod tests {
     use crate::config::{AttentionKind, ReformerConfig};
     use crate::device::{compiled_backends, select_device};
     use crate::model::ReformerLm;
-    use crate::testing::{random_tensor, values};
+    use crate::testing::{GradSource, grads_by_path, random_tensor, values};
 
     const D_MODEL: usize = 32;
     const VOCAB_SIZE: usize = 16;
@@ -483,75 +472,23 @@ mod tests {
         }
     }
 
-    /// Collects every parameter's gradient by module path.
-    struct NamedGrads<'a> {
-        grads: &'a dyn Fn(ParamId, usize) -> Option<Vec<f32>>,
-        path: Vec<String>,
-        found: Vec<(String, Option<Vec<f32>>)>,
-    }
-
-    impl ModuleVisitor for NamedGrads<'_> {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.path.push(name.to_string());
-        }
-
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
-        }
-
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.found.push((self.path.join("."), (self.grads)(param.id, D)));
-        }
-    }
-
-    /// Returns every parameter's gradient from `grads`, by module path.
-    fn param_grads(model: &impl Module, grads: &Gradients) -> Vec<(String, Option<Vec<f32>>)> {
-        let lookup = |id: ParamId, _rank: usize| find_grad(model, id, grads);
-        let mut visitor = NamedGrads { grads: &lookup, path: Vec::new(), found: Vec::new() };
-        model.visit(&mut visitor);
-        visitor.found
-    }
-
-    fn find_grad(model: &impl Module, id: ParamId, grads: &Gradients) -> Option<Vec<f32>> {
-        struct Find<'a> {
-            id: ParamId,
-            grads: &'a Gradients,
-            found: Option<Vec<f32>>,
-        }
-        impl ModuleVisitor for Find<'_> {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                if param.id == self.id {
-                    self.found = param.val().grad(self.grads).map(values);
-                }
-            }
-        }
-        let mut find = Find { id, grads, found: None };
-        model.visit(&mut find);
-        find.found
-    }
-
-    /// Returns every parameter's accumulated gradient, by module path.
-    fn accumulated_grads(model: &impl Module, grads: &GradientsParams) -> Vec<(String, Option<Vec<f32>>)> {
-        let lookup = |id: ParamId, rank: usize| match rank {
-            1 => grads.get::<1>(id).map(values),
-            2 => grads.get::<2>(id).map(values),
-            3 => grads.get::<3>(id).map(values),
-            _ => panic!("unexpected parameter rank {rank}"),
-        };
-        let mut visitor = NamedGrads { grads: &lookup, path: Vec::new(), found: Vec::new() };
-        model.visit(&mut visitor);
-        visitor.found
+    /// Returns every parameter's gradient values by module path.
+    fn param_grads(model: &impl Module, source: GradSource<'_>) -> Vec<(String, Option<Vec<f32>>)> {
+        grads_by_path(model, source)
+            .into_iter()
+            .map(|(path, grad)| (path, grad.map(|(_, values)| values)))
+            .collect()
     }
 
     /// Asserts `actual` equals `expected` to [`RELATIVE_TOLERANCE`] of `expected`'s largest
     /// entry.
-    fn assert_relative(what: &str, actual: &[f32], expected: &[f32]) {
-        assert_eq!(actual.len(), expected.len(), "{what}: length");
+    fn assert_relative(label: &str, actual: &[f32], expected: &[f32]) {
+        assert_eq!(actual.len(), expected.len(), "{label}: length");
         let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let worst = actual.iter().zip(expected).fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
         assert!(
             worst <= RELATIVE_TOLERANCE * scale.max(f32::MIN_POSITIVE),
-            "{what}: max difference {worst:e} exceeds {RELATIVE_TOLERANCE:e} of the largest entry {scale:e}"
+            "{label}: max difference {worst:e} exceeds {RELATIVE_TOLERANCE:e} of the largest entry {scale:e}"
         );
     }
 
@@ -595,7 +532,7 @@ mod tests {
                 let loss_value = values(loss.clone())[0];
                 let grads = loss.backward();
                 let input_grad = values(offset.grad(&grads).expect("the offset is a tracked leaf"));
-                (loss_value, input_grad, param_grads(&model, &grads))
+                (loss_value, input_grad, param_grads(&model, GradSource::Backward(&grads)))
             };
             let (loss, input_grad, grads) = run(true);
             let (plain_loss, plain_input_grad, plain_grads) = run(false);
@@ -632,7 +569,7 @@ mod tests {
                 assert!(!x.is_tracked());
                 let hidden = model.forward_embedded(x, call.mask.as_ref(), &ctx).unwrap();
                 let grads = (model.lm_head.forward(hidden) * call.weights.clone()).sum().backward();
-                param_grads(&model, &grads)
+                param_grads(&model, GradSource::Backward(&grads))
             };
             assert_same_grads("untracked input", &run(true), &run(false), |path| !path.starts_with("embeddings"));
         }
@@ -657,7 +594,7 @@ mod tests {
         for device in devices() {
             let module = SharedWeight { model: ReformerLm::new(&config(2, true), 0, &device).unwrap() };
             let call = Call::new(2, None, 5, &device);
-            let run = |reversible: bool| param_grads(&module, &module.loss(&call, reversible).backward());
+            let run = |reversible: bool| param_grads(&module, GradSource::Backward(&module.loss(&call, reversible).backward()));
             assert_same_grads("shared weight", &run(true), &run(false), |_| true);
         }
     }
@@ -670,7 +607,7 @@ mod tests {
             let second = Call::new(1, None, 7, &device);
             let run = |reversible: bool| {
                 let loss = first.loss(&model, None, reversible) + second.loss(&model, None, reversible) * 0.5;
-                param_grads(&model, &loss.backward())
+                param_grads(&model, GradSource::Backward(&loss.backward()))
             };
             assert_same_grads("two calls", &run(true), &run(false), |_| true);
         }
@@ -687,7 +624,7 @@ mod tests {
                     let grads = GradientsParams::from_grads(call.loss(&model, None, reversible).backward(), &model);
                     accumulator.accumulate(&model, grads);
                 }
-                accumulated_grads(&model, &accumulator.grads())
+                param_grads(&model, GradSource::Accumulated(&accumulator.grads()))
             };
             assert_same_grads("accumulated", &run(true), &run(false), |_| true);
         }

@@ -58,3 +58,49 @@ pub fn assert_causal_prefix(original: Tensor<3>, changed: Tensor<3>, last_unchan
     );
     assert_close(&prefix(original), &prefix(changed), 1e-6);
 }
+
+/// Source of the gradients [`grads_by_path`] reads: one backward pass, or an accumulator's sum.
+#[derive(Clone, Copy)]
+pub enum GradSource<'a> {
+    /// Gradients of one backward pass.
+    Backward(&'a burn::tensor::Gradients),
+    /// Gradients summed by a [`burn::optim::GradientsAccumulator`].
+    Accumulated(&'a burn::optim::GradientsParams),
+}
+
+/// Gradient of one parameter: its shape and values.
+pub type ParamGrad = (Vec<usize>, Vec<f32>);
+
+/// Returns every float parameter of `model` in visiting order, by module path, with its
+/// gradient from `source` (`None` for a parameter without one).
+pub fn grads_by_path(model: &impl burn::module::Module, source: GradSource<'_>) -> Vec<(String, Option<ParamGrad>)> {
+    struct Collect<'a> {
+        source: GradSource<'a>,
+        path: Vec<String>,
+        found: Vec<(String, Option<ParamGrad>)>,
+    }
+
+    impl burn::module::ModuleVisitor for Collect<'_> {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            let grad = match self.source {
+                GradSource::Backward(grads) => param.val().grad(grads),
+                GradSource::Accumulated(grads) => grads.get::<D>(param.id),
+            };
+            let grad = grad.map(|grad| (grad.dims().to_vec(), values(grad)));
+            self.found.push((self.path.join("."), grad));
+        }
+    }
+
+    let mut collect = Collect { source, path: Vec::new(), found: Vec::new() };
+    model.visit(&mut collect);
+    collect.found
+}
+

@@ -23,10 +23,10 @@ pub enum TokenizerError {
         message: String,
     },
     /// Text could not be encoded, or ids decoded.
-    #[error("SentencePiece failed on {what}: {message}")]
+    #[error("SentencePiece failed on {input}: {message}")]
     Apply {
         /// The input that failed, shortened.
-        what: String,
+        input: String,
         /// The library's message.
         message: String,
     },
@@ -83,7 +83,7 @@ impl Tokenizer {
             Self::SentencePiece(processor) => processor
                 .encode_to_ids(text)
                 .map(|ids| ids.into_iter().map(|id| id as i64).collect())
-                .map_err(|error| TokenizerError::Apply { what: shorten(text), message: error.to_string() }),
+                .map_err(|error| TokenizerError::Apply { input: shorten(text), message: error.to_string() }),
         }
     }
 
@@ -104,7 +104,7 @@ impl Tokenizer {
                 processor
                     .decode_ids(&ids)
                     .map(String::into_bytes)
-                    .map_err(|error| TokenizerError::Apply { what: format!("ids {ids:?}"), message: error.to_string() })
+                    .map_err(|error| TokenizerError::Apply { input: format!("ids {ids:?}"), message: error.to_string() })
             }
         }
     }

@@ -128,15 +128,19 @@ pub fn prepare(
     Ok(resume_from)
 }
 
-/// Lists the settings that differ, as `name: saved value, given value`.
-fn settings_difference(saved: &TrainSettings, given: &TrainSettings) -> String {
-    let (Ok(Value::Object(saved)), Ok(Value::Object(given))) = (serde_json::to_value(saved), serde_json::to_value(given)) else {
+/// Lists the settings that differ, as `name is <saved value> ... but <requested value> now`.
+fn settings_difference(saved: &TrainSettings, requested: &TrainSettings) -> String {
+    let (Ok(Value::Object(saved)), Ok(Value::Object(requested))) = (serde_json::to_value(saved), serde_json::to_value(requested))
+    else {
         unreachable!("TrainSettings serialises to a JSON object")
     };
     let differences: Vec<String> = saved
         .iter()
-        .filter(|(name, value)| given.get(*name) != Some(*value))
-        .map(|(name, value)| format!("{name} is {value} in the saved run but {} now", given.get(name).unwrap_or(&Value::Null)))
+        .filter(|(name, value)| requested.get(*name) != Some(*value))
+        .map(|(name, value)| {
+            let now = requested.get(name).unwrap_or(&Value::Null);
+            format!("{name} is {value} in the saved run but {now} now")
+        })
         .collect();
     differences.join(", ")
 }

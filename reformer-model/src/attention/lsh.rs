@@ -119,7 +119,8 @@ impl LshSelfAttention {
     /// Checks that rotations given in `ctx` for this layer fit a call at padded length
     /// `seq_len`. Sequences of at most one chunk are not hashed, so nothing is checked for them.
     pub fn check_rotations(&self, seq_len: usize, layer: usize, ctx: &ForwardContext) -> Result<(), InputError> {
-        if seq_len <= self.settings.chunk_len {
+        let given = ctx.rotations.as_ref().is_some_and(|all| all.contains_key(&layer));
+        if !given || seq_len <= self.settings.chunk_len {
             return Ok(());
         }
         let n_hashes = ctx.num_hashes.unwrap_or(self.settings.n_hashes);
