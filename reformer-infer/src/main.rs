@@ -392,6 +392,14 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
     let mut total = ScoreTotals::default();
 
     for file in &args.files {
+        if let Ok(meta) = std::fs::metadata(file) {
+            // The bytes and their token ids (8 bytes each) are held at once.
+            reformer_model::memory::check_fits(
+                meta.len() as f64 * 9.0,
+                || format!("scoring {} ({} bytes)", file.display(), meta.len()),
+                || "split the file and score the parts".to_string(),
+            )?;
+        }
         let bytes = std::fs::read(file).with_context(|| format!("failed to read {}", file.display()))?;
         let ids = tokenizer.encode_bytes(&bytes)?;
         let mut totals = ScoreTotals::default();
@@ -466,6 +474,12 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     }
 
     let (model, device) = load(&args.common)?;
+    let needed = reformer_model::memory::step_bytes(model.config(), args.batch_size, task.seq_len(), false, true);
+    reformer_model::memory::check_fits(
+        needed,
+        || format!("evaluating --batch-size {} sequences of {} tokens", args.batch_size, task.seq_len()),
+        || "lower --batch-size and raise --batches to keep the number of sequences".to_string(),
+    )?;
     let mut ctx = ForwardContext::eval(args.common.seed);
     ctx.num_hashes = args.num_hashes;
     let mut rng = StdRng::seed_from_u64(args.common.seed);

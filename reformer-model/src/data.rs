@@ -103,6 +103,9 @@ pub enum DataError {
         /// Sequence length.
         seq_len: usize,
     },
+    /// The data does not fit in memory.
+    #[error(transparent)]
+    TooLarge(#[from] crate::memory::MemoryError),
 }
 
 /// Lists the files under `paths`: files as given, folders walked recursively in sorted order.
@@ -171,8 +174,19 @@ impl ByteCorpus {
 
     /// Reads the files under `paths` (concatenated in order) and splits them.
     pub fn load(paths: &[PathBuf], seq_len: usize) -> Result<Self, DataError> {
-        let mut bytes = Vec::new();
-        for file in collect_files(paths)? {
+        let files = collect_files(paths)?;
+        let mut total = 0u64;
+        for file in &files {
+            total += std::fs::metadata(file).map_err(|source| DataError::Read { path: file.clone(), source })?.len();
+        }
+        // The bytes and their token ids (8 bytes each) are held at once.
+        crate::memory::check_fits(
+            total as f64 * 9.0,
+            || format!("{total} bytes of text in {} files", files.len()),
+            || "train on a part of the data (fewer --data paths)".to_string(),
+        )?;
+        let mut bytes = Vec::with_capacity(total as usize);
+        for file in files {
             let data = std::fs::read(&file).map_err(|source| DataError::Read { path: file.clone(), source })?;
             bytes.extend_from_slice(&data);
         }
@@ -250,5 +264,33 @@ mod tests {
     #[test]
     fn short_corpus_is_an_error() {
         assert!(matches!(ByteCorpus::from_bytes(b"abc", 16), Err(DataError::TooShort { .. })));
+    }
+
+    #[test]
+    fn unusable_paths_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.txt");
+        let error = ByteCorpus::load(std::slice::from_ref(&missing), 8).unwrap_err();
+        assert!(matches!(&error, DataError::Read { path, .. } if path == &missing), "{error}");
+
+        let empty_dir = dir.path().join("empty");
+        std::fs::create_dir(&empty_dir).unwrap();
+        let error = ByteCorpus::load(std::slice::from_ref(&empty_dir), 8).unwrap_err();
+        assert!(matches!(&error, DataError::EmptyDirectory(path) if path == &empty_dir), "{error}");
+
+        let empty_file = dir.path().join("empty.txt");
+        std::fs::write(&empty_file, b"").unwrap();
+        let error = ByteCorpus::load(&[empty_file], 8).unwrap_err();
+        assert!(matches!(error, DataError::TooShort { bytes: 0, needed: 16, seq_len: 8 }), "{error}");
+    }
+
+    #[test]
+    fn binary_data_is_valid_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+        std::fs::write(dir.path().join("data.bin"), &bytes).unwrap();
+        let corpus = ByteCorpus::load(&[dir.path().to_path_buf()], 64).unwrap();
+        let all: Vec<i64> = corpus.train.iter().chain(&corpus.validation).copied().collect();
+        assert_eq!(ids_to_bytes(&all), bytes);
     }
 }

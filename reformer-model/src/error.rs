@@ -31,6 +31,9 @@ pub enum ConfigError {
         /// Reason and fix.
         fix: String,
     },
+    /// The model's weights do not fit in the machine's memory.
+    #[error("invalid config: {0}")]
+    TooLarge(#[from] crate::memory::MemoryError),
 }
 
 impl ConfigError {

@@ -20,6 +20,7 @@ pub mod hf;
 mod hf_parity;
 mod init;
 pub mod loss;
+pub mod memory;
 pub mod model;
 // The backend extension names NdArray, deprecated upstream in favour of Flex; both stay
 // selectable, and the code the extension macro generates takes no item-level `allow`.

@@ -164,6 +164,14 @@ fn spawn_step(exe: &std::path::Path, m: &ModelArgs, depth: usize, plain: bool) -
 pub fn run_step(args: &StepArgs) -> anyhow::Result<()> {
     let m = &args.model;
     let config = build_config(m, args.depth)?;
+    if m.device != "wgpu" {
+        let needed = reformer_model::memory::step_bytes(&config, m.batch_size, m.seq_len, true, !args.plain);
+        reformer_model::memory::check_fits(
+            needed,
+            || format!("one training step of {} x {} tokens at {} layers", m.batch_size, m.seq_len, args.depth),
+            || "lower --seq-len, --batch-size or --depths".to_string(),
+        )?;
+    }
     let device = select_device(&m.device)?.autodiff();
     // Seed 0 gives every process the same initial weights, so losses compare across modes.
     let model = ReformerLm::new(&config, 0, &device)?;
