@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::prelude::*;
-use burn::store::{BurnpackStore, ModuleSnapshot};
+use burn::store::{ApplyError, BurnpackStore, ModuleSnapshot};
 
 use crate::config::ReformerConfig;
 use crate::error::ConfigError;
@@ -63,13 +63,34 @@ pub fn save_weights(model: &ReformerLm, path: &Path) -> Result<(), CheckpointErr
 /// Loads weights from `path` into `model`, requiring every tensor to be present and to fit.
 pub fn load_weights(mut model: ReformerLm, path: &Path) -> Result<ReformerLm, CheckpointError> {
     let weights_error = |message: String| CheckpointError::Weights { action: "load", path: path.to_path_buf(), message };
-    let mut store = BurnpackStore::from_file(path);
+    // Mismatches are collected rather than raised, so that the message can summarise them.
+    let mut store = BurnpackStore::from_file(path).validate(false).allow_partial(true);
     let result = model.load_from(&mut store).map_err(|error| weights_error(error.to_string()))?;
-    if !result.errors.is_empty() || !result.missing.is_empty() {
-        let missing: Vec<&str> = result.missing.iter().map(|(name, _)| name.as_str()).collect();
+    let mut problems = Vec::new();
+    if let Some(first) = result.errors.first() {
+        let first = match first {
+            ApplyError::ShapeMismatch { path, expected, found } => {
+                format!("{path} is {:?} in the file but {:?} in the model", found.as_slice(), expected.as_slice())
+            }
+            other => other.to_string(),
+        };
+        problems.push(format!("{} tensors do not fit (first: {first})", result.errors.len()));
+    }
+    if let Some((first, _)) = result.missing.first() {
+        problems.push(format!("{} tensors are missing (first: {first})", result.missing.len()));
+    }
+    if let Some(first) = result.unused.first() {
+        problems.push(format!("{} tensors are not in the model (first: {first})", result.unused.len()));
+    }
+    if !problems.is_empty() {
         return Err(weights_error(format!(
-            "the checkpoint does not fit this config (missing: {missing:?}; errors: {:?}); was it written for another config?",
-            result.errors
+            "the checkpoint does not fit this config: {}; it was written for another config, so load it with the config.json of its run",
+            problems.join(", ")
+        )));
+    }
+    if let Some(name) = model.first_non_finite_weight() {
+        return Err(weights_error(format!(
+            "weight {name} holds NaN or infinite values; the file is damaged or the run diverged before it was saved, so use an earlier checkpoint"
         )));
     }
     Ok(model)
@@ -120,4 +141,50 @@ pub fn load_run_model(run_dir: &Path, device: &Device) -> Result<ReformerLm, Che
 /// Returns a copy of `model` without autodiff, for evaluation.
 pub fn without_autodiff(model: &ReformerLm) -> ReformerLm {
     model.clone().valid()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::test_device;
+
+    fn config(hidden_size: usize) -> ReformerConfig {
+        ReformerConfig {
+            hidden_size,
+            axial_pos_embds_dim: vec![hidden_size / 2, hidden_size / 2],
+            axial_pos_shape: vec![4, 8],
+            max_position_embeddings: 32,
+            lsh_attn_chunk_length: 8,
+            local_attn_chunk_length: 8,
+            num_buckets: None,
+            attention_head_size: 8,
+            feed_forward_size: 32,
+            vocab_size: 20,
+            ..ReformerConfig::default()
+        }
+    }
+
+    #[test]
+    fn checkpoint_of_another_config_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MODEL_FILE);
+        save_weights(&ReformerLm::new(&config(16), 0, &test_device()).unwrap(), &path).unwrap();
+        let other = ReformerLm::new(&config(32), 0, &test_device()).unwrap();
+        let error = load_weights(other, &path).unwrap_err().to_string();
+        assert!(error.contains("another config"), "{error}");
+    }
+
+    #[test]
+    fn damaged_weights_are_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MODEL_FILE);
+        let model = ReformerLm::new(&config(16), 0, &test_device()).unwrap();
+        save_weights(&model, &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        for damaged in [bytes[..bytes.len() / 2].to_vec(), b"not a burnpack file".to_vec(), Vec::new()] {
+            std::fs::write(&path, &damaged).unwrap();
+            let error = load_weights(model.clone(), &path).unwrap_err().to_string();
+            assert!(error.starts_with("failed to load weights"), "{error}");
+        }
+    }
 }

@@ -417,6 +417,12 @@ pub fn load_hf_checkpoint(dir: &Path, device: &Device, allow_partial: bool) -> R
     if !report.is_complete() && !allow_partial {
         return Err(HfError::Partial { path: weights, report });
     }
+    if let Some(name) = model.first_non_finite_weight() {
+        return Err(HfError::Weights {
+            path: weights,
+            message: format!("weight {name} holds NaN or infinite values; re-export the checkpoint from a model whose weights are finite"),
+        });
+    }
     Ok(HfCheckpoint { model, architecture, report })
 }
 
@@ -689,7 +695,10 @@ pub fn load_rotations(path: &Path, config: &ReformerConfig) -> Result<HashMap<us
             .shape()
             .try_into()
             .map_err(|_| invalid(format!("tensor {name:?} has shape {:?}; expected [n_heads, d_head, n_hashes, rot_size / 2]", view.shape())))?;
-        let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(invalid(format!("tensor {name:?} holds {} at flat index {index}; rotations must be finite", values[index])));
+        }
         rotations.insert(layer, Rotations { shape, values: Arc::new(values) });
     }
     if let Some(missing) = lsh_layers.iter().find(|layer| !rotations.contains_key(layer)) {
@@ -928,5 +937,23 @@ mod tests {
         write_raw(&path, &tensors);
         let error = load_rotations(&path, &config).unwrap_err().to_string();
         assert!(error.contains("not an LSH layer"), "{error}");
+
+        tensors.remove("layers.0.rotations");
+        let (_, _, data) = tensors.get_mut("layers.3.rotations").unwrap();
+        data[20..24].copy_from_slice(&f32::NAN.to_le_bytes());
+        write_raw(&path, &tensors);
+        let error = load_rotations(&path, &config).unwrap_err().to_string();
+        assert!(error.contains("NaN at flat index 5"), "{error}");
+    }
+
+    #[test]
+    fn non_finite_weight_is_named() {
+        let name = "reformer.encoder.layer_norm.weight";
+        let dir = edited_copy("wrap_rounds", |tensors| {
+            let (_, _, data) = tensors.get_mut(name).unwrap();
+            data[..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        });
+        let error = load_hf_checkpoint(dir.path(), &test_device(), false).unwrap_err().to_string();
+        assert!(error.contains("layer_norm") && error.contains("NaN or infinite"), "{error}");
     }
 }
