@@ -3,13 +3,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use reformer_model::ReformerConfig;
 use reformer_train::settings::{PRESET_NAMES, TaskSettings, TrainSettings, preset};
-use reformer_train::trainer::{ExistingRun, TrainEvent, train};
+use reformer_train::trainer::{ExistingRun, TrainError, TrainEvent, check_run, train_until};
 
 /// Train a Reformer language model.
 #[derive(Parser, Debug)]
@@ -72,15 +73,42 @@ struct Args {
     /// Delete the run in --out and start over.
     #[arg(long)]
     force: bool,
+    /// Check the arguments, config, data, memory and run directory, print the plan and exit
+    /// without writing anything.
+    #[arg(long)]
+    dry_run: bool,
 }
+
+/// Exit status after Ctrl-C, as shells report a process ended by SIGINT.
+const INTERRUPTED_EXIT: u8 = 130;
+
+/// Set by the first Ctrl-C or SIGTERM; the training loop saves a checkpoint and stops.
+static STOP: AtomicBool = AtomicBool::new(false);
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let handler = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            // Checkpoints are written atomically, so quitting mid-write loses nothing saved.
+            eprintln!("\nsecond signal: quitting without saving");
+            std::process::exit(i32::from(INTERRUPTED_EXIT));
+        }
+        eprintln!("\nstopping: the current step finishes, then a checkpoint is saved (press Ctrl-C again to quit without saving)");
+    });
+    if let Err(error) = handler {
+        log::warn!("Ctrl-C will stop training without saving a checkpoint: {error}");
+    }
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            let interrupted = error.chain().any(|cause| {
+                matches!(
+                    cause.downcast_ref::<TrainError>(),
+                    Some(TrainError::Interrupted { .. } | TrainError::InterruptedBeforeStart)
+                )
+            });
+            if interrupted { ExitCode::from(INTERRUPTED_EXIT) } else { ExitCode::FAILURE }
         }
     }
 }
@@ -141,6 +169,21 @@ fn run(args: Args) -> anyhow::Result<()> {
         _ => ExistingRun::Refuse,
     };
 
+    if args.dry_run {
+        check_run(&config, &settings, &out, existing).with_context(|| format!("training run in {} would fail", out.display()))?;
+        println!(
+            "ok: would train {preset_name} ({} layers, {} parameters) for {} steps of {} x {} tokens on {} into {}",
+            config.num_layers(),
+            reformer_model::memory::parameter_count(&config),
+            settings.steps,
+            settings.batch_size,
+            settings.seq_len,
+            settings.device,
+            out.display()
+        );
+        return Ok(());
+    }
+
     let bar = ProgressBar::new(settings.steps);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
@@ -172,7 +215,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         TrainEvent::Checkpoint { .. } => {}
     };
-    let summary = train(&config, &settings, &out, existing, &mut observe)
+    let summary = train_until(&config, &settings, &out, existing, &STOP, &mut observe)
         .with_context(|| format!("training run in {} failed", out.display()))?;
     bar.finish_and_clear();
 

@@ -62,6 +62,51 @@ fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> RunDirError + '_ {
     move |source| RunDirError::Write { path: path.to_path_buf(), source }
 }
 
+/// Returns whether `run_dir` already holds a run.
+fn occupied(run_dir: &Path) -> bool {
+    run_dir.join(CONFIG_FILE).exists() || run_dir.join(CHECKPOINTS_DIR).exists()
+}
+
+/// Checks, without writing anything, that a run may use `run_dir`: an empty or new folder, or
+/// with `Resume` a run of the same config and settings, or with `Overwrite` anything.
+pub fn check(run_dir: &Path, config: &ReformerConfig, settings: &TrainSettings, existing: ExistingRun) -> Result<(), RunDirError> {
+    if !occupied(run_dir) {
+        return Ok(());
+    }
+    match existing {
+        ExistingRun::Refuse => Err(RunDirError::Occupied(run_dir.to_path_buf())),
+        ExistingRun::Overwrite => Ok(()),
+        ExistingRun::Resume => {
+            let saved: ReformerConfig = read_json(&run_dir.join(CONFIG_FILE))?;
+            if &saved != config {
+                return Err(RunDirError::Mismatch {
+                    path: run_dir.to_path_buf(),
+                    file: CONFIG_FILE,
+                    detail: "model config".into(),
+                });
+            }
+            let saved: TrainSettings = read_json(&run_dir.join(SETTINGS_FILE))?;
+            let comparable = TrainSettings {
+                steps: settings.steps,
+                device: settings.device.clone(),
+                reversible: settings.reversible,
+                ..saved.clone()
+            };
+            if &comparable != settings {
+                return Err(RunDirError::Mismatch {
+                    path: run_dir.to_path_buf(),
+                    file: SETTINGS_FILE,
+                    detail: format!(
+                        "{}; only --steps, --device and --no-reversible may change on resume",
+                        settings_difference(&comparable, settings)
+                    ),
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Prepares `run_dir` for a run and returns the checkpoint to resume from, if any.
 pub fn prepare(
     run_dir: &Path,
@@ -69,11 +114,11 @@ pub fn prepare(
     settings: &TrainSettings,
     existing: ExistingRun,
 ) -> Result<Option<PathBuf>, RunDirError> {
-    let occupied = run_dir.join(CONFIG_FILE).exists() || run_dir.join(CHECKPOINTS_DIR).exists();
+    check(run_dir, config, settings, existing)?;
     let mut resume_from = None;
-    if occupied {
+    if occupied(run_dir) {
         match existing {
-            ExistingRun::Refuse => return Err(RunDirError::Occupied(run_dir.to_path_buf())),
+            ExistingRun::Refuse => unreachable!("check refuses an occupied folder"),
             ExistingRun::Overwrite => {
                 for name in [CONFIG_FILE, SETTINGS_FILE, METRICS_FILE, crate::plot::PLOT_FILE] {
                     let path = run_dir.join(name);
@@ -87,31 +132,6 @@ pub fn prepare(
                 }
             }
             ExistingRun::Resume => {
-                let saved: ReformerConfig = read_json(&run_dir.join(CONFIG_FILE))?;
-                if &saved != config {
-                    return Err(RunDirError::Mismatch {
-                        path: run_dir.to_path_buf(),
-                        file: CONFIG_FILE,
-                        detail: "model config".into(),
-                    });
-                }
-                let saved: TrainSettings = read_json(&run_dir.join(SETTINGS_FILE))?;
-                let comparable = TrainSettings {
-                    steps: settings.steps,
-                    device: settings.device.clone(),
-                    reversible: settings.reversible,
-                    ..saved.clone()
-                };
-                if &comparable != settings {
-                    return Err(RunDirError::Mismatch {
-                        path: run_dir.to_path_buf(),
-                        file: SETTINGS_FILE,
-                        detail: format!(
-                            "{}; only --steps, --device and --no-reversible may change on resume",
-                            settings_difference(&comparable, settings)
-                        ),
-                    });
-                }
                 resume_from = latest_checkpoint(run_dir).ok();
                 if resume_from.is_none() {
                     // Killed before its first checkpoint: the run starts over, and the metrics of

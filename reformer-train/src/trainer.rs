@@ -2,6 +2,7 @@
 //! validation, metrics and checkpoints.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
@@ -14,6 +15,7 @@ use reformer_model::context::mix_seed;
 use reformer_model::data::{Batch, ByteCorpus, DuplicationTask};
 use reformer_model::device::select_device;
 use reformer_model::loss::{causal_lm_outputs, weighted_accuracy, weighted_cross_entropy};
+use reformer_model::memory;
 use reformer_model::{ForwardContext, ReformerConfig, ReformerLm};
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +49,20 @@ pub enum TrainError {
     /// The model rejected the input.
     #[error(transparent)]
     Input(#[from] reformer_model::InputError),
+    /// Ctrl-C (or SIGTERM) stopped the run; `checkpoint` holds its last step.
+    #[error(
+        "stopped by a signal after step {step}; checkpoint {checkpoint} holds it; continue with the same \
+         command plus --resume"
+    )]
+    Interrupted {
+        /// Steps completed.
+        step: u64,
+        /// The checkpoint folder holding that step.
+        checkpoint: PathBuf,
+    },
+    /// Ctrl-C (or SIGTERM) stopped the run before it completed a step.
+    #[error("stopped by a signal before the first step completed, so nothing was saved; rerun the same command plus --resume to start it")]
+    InterruptedBeforeStart,
     /// The loss became NaN or infinite.
     #[error(
         "loss is {loss} at step {step}; checkpoints written before it are kept in {run_dir}/checkpoints. \
@@ -272,12 +288,35 @@ pub enum ExistingRun {
     Overwrite,
 }
 
+/// Checks everything a run needs without writing anything: settings, config, device, data,
+/// memory and the run directory (`reformer-train --dry-run`).
+pub fn check_run(config: &ReformerConfig, settings: &TrainSettings, run_dir: &Path, existing: ExistingRun) -> Result<(), TrainError> {
+    check_settings(config, settings)?;
+    select_device(&settings.device).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    TaskData::load(settings, config)?;
+    Ok(run_dir::check(run_dir, config, settings, existing)?)
+}
+
 /// Trains a model and writes the run directory; `observe` receives progress events.
 pub fn train(
     config: &ReformerConfig,
     settings: &TrainSettings,
     run_dir: &Path,
     existing: ExistingRun,
+    observe: &mut dyn FnMut(TrainEvent),
+) -> Result<TrainSummary, TrainError> {
+    train_until(config, settings, run_dir, existing, &AtomicBool::new(false), observe)
+}
+
+/// Like [`train`], but checks `stop` before each step: once it is set, the run saves a
+/// checkpoint of the last completed step (unless one exists) and returns
+/// [`TrainError::Interrupted`]. A signal handler sets it.
+pub fn train_until(
+    config: &ReformerConfig,
+    settings: &TrainSettings,
+    run_dir: &Path,
+    existing: ExistingRun,
+    stop: &AtomicBool,
     observe: &mut dyn FnMut(TrainEvent),
 ) -> Result<TrainSummary, TrainError> {
     check_settings(config, settings)?;
@@ -290,6 +329,7 @@ pub fn train(
     let mut optimizer: ModuleOptimizer = AdamConfig::new().with_grad_clipping(clipping).init();
     let mut model = ReformerLm::new(config, settings.seed, &ad_device).map_err(|e| TrainError::Invalid(e.to_string()))?;
     let mut step = 0;
+    let mut saved: Option<(u64, PathBuf)> = None;
     if let Some(checkpoint) = resume_from {
         let state: TrainState = run_dir::read_json(&checkpoint.join(STATE_FILE))?;
         model = checkpoint::load_weights(model, &checkpoint.join(MODEL_FILE))?;
@@ -297,6 +337,7 @@ pub fn train(
             .load(checkpoint.join(OPTIMIZER_FILE))
             .map_err(|e| RunDirError::Corrupt { path: checkpoint.join(OPTIMIZER_FILE), message: e.to_string() })?;
         step = state.step;
+        saved = Some((step, checkpoint.clone()));
         if step > settings.steps {
             return Err(TrainError::Invalid(format!(
                 "invalid --steps {}: the run in {} is already at step {step}; pass --steps {step} or more to resume it",
@@ -311,9 +352,17 @@ pub fn train(
     observe(TrainEvent::Started { start_step: step, total_steps: settings.steps, parameters: model.num_params() });
     let started = Instant::now();
     let mut last_validation = None;
-    let tokens_per_step = (settings.batch_size * settings.seq_len * settings.grad_accum) as f64;
+    let tokens_per_step = settings.batch_size as f64 * settings.seq_len as f64 * settings.grad_accum as f64;
 
     while step < settings.steps {
+        if stop.load(Ordering::SeqCst) {
+            let checkpoint = match saved {
+                Some((saved_step, path)) if saved_step == step => path,
+                _ if step == 0 => return Err(TrainError::InterruptedBeforeStart),
+                _ => save_checkpoint(run_dir, &model, &optimizer, &TrainState { step, seed: settings.seed })?,
+            };
+            return Err(TrainError::Interrupted { step, checkpoint });
+        }
         let step_started = Instant::now();
         let lr = learning_rate(settings, step);
         let mut accumulator = GradientsAccumulator::<ReformerLm>::new();
@@ -348,6 +397,7 @@ pub fn train(
         }
         if last || step % settings.checkpoint_every == 0 {
             let path = save_checkpoint(run_dir, &model, &optimizer, &TrainState { step, seed: settings.seed })?;
+            saved = Some((step, path.clone()));
             observe(TrainEvent::Checkpoint { step, path });
         }
     }
@@ -407,5 +457,21 @@ fn check_settings(config: &ReformerConfig, settings: &TrainSettings) -> Result<(
     if !(settings.clip_norm >= 0.0 && settings.clip_norm.is_finite()) {
         return Err(TrainError::Invalid(format!("invalid clip norm {}: use 0 (off) or a positive threshold", settings.clip_norm)));
     }
-    Ok(())
+    check_memory(config, settings)
+}
+
+/// Refuses a step too large for the machine, before anything is allocated: an allocation that
+/// fails aborts the process without a message.
+fn check_memory(config: &ReformerConfig, settings: &TrainSettings) -> Result<(), TrainError> {
+    let what = || {
+        format!("one training step with --batch-size {} and --seq-len {}", settings.batch_size, settings.seq_len)
+    };
+    let fix = || "lower --batch-size or --seq-len; --grad-accum N keeps the tokens per step with N smaller micro-batches".to_string();
+    // On a GPU the activations live in the adapter's memory; the host holds the batch.
+    let needed = if settings.device == "wgpu" {
+        settings.batch_size as f64 * settings.seq_len as f64 * 12.0
+    } else {
+        memory::step_bytes(config, settings.batch_size, settings.seq_len, true, settings.reversible)
+    };
+    memory::check_fits(needed, what, fix).map_err(|e| TrainError::Invalid(e.to_string()))
 }
