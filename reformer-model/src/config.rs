@@ -396,18 +396,20 @@ impl ReformerConfig {
                 "use a small positive number such as 1e-12".into(),
             );
         }
-        if !(self.initializer_range > 0.0 && self.initializer_range.is_finite()) {
+        // Weights are f32; beyond this bound initial activations overflow it.
+        const MAX_STD: f64 = 100.0;
+        if !(self.initializer_range > 0.0 && self.initializer_range <= MAX_STD) {
             return invalid(
                 "initializer_range",
                 self.initializer_range.to_string(),
-                "use a positive standard deviation such as 0.02".into(),
+                format!("use a positive standard deviation up to {MAX_STD}, such as 0.02"),
             );
         }
-        if !(self.axial_norm_std > 0.0 && self.axial_norm_std.is_finite()) {
+        if !(self.axial_norm_std > 0.0 && self.axial_norm_std <= MAX_STD) {
             return invalid(
                 "axial_norm_std",
                 self.axial_norm_std.to_string(),
-                "use a positive standard deviation such as 1.0".into(),
+                format!("use a positive standard deviation up to {MAX_STD}, such as 1.0"),
             );
         }
         Ok(())

@@ -153,6 +153,13 @@ impl ReformerLm {
     /// generator seeded with `seed`: the same seed gives the same weights on every backend.
     pub fn new(config: &ReformerConfig, seed: u64, device: &Device) -> Result<Self, ConfigError> {
         config.validate()?;
+        // Weights are drawn on the host and then copied to the device: two copies at once.
+        let parameters = crate::memory::parameter_count(config);
+        crate::memory::check_fits(
+            2.0 * 4.0 * parameters,
+            || format!("a model of {parameters:.3e} parameters (hidden_size {}, vocab_size {}, {} layers)", config.hidden_size, config.vocab_size, config.num_layers()),
+            || "lower hidden_size, feed_forward_size, vocab_size or the number of layers".to_string(),
+        )?;
         let d_model = config.hidden_size;
         let mut rng = StdRng::seed_from_u64(seed);
         let embeddings = Embeddings::new(config, &mut rng, device);
@@ -169,6 +176,31 @@ impl ReformerLm {
             lm_head: normal_linear(2 * d_model, config.vocab_size, true, config.initializer_range, &mut rng, device),
             config: config.clone(),
         })
+    }
+
+    /// Returns the module path of the first weight that holds a NaN or an infinity, if any.
+    /// Loaders call it so that a damaged file is an error, not a run of NaN scores.
+    pub fn first_non_finite_weight(&self) -> Option<String> {
+        struct Find {
+            path: Vec<String>,
+            found: Option<String>,
+        }
+        impl burn::module::ModuleVisitor for Find {
+            fn enter_module(&mut self, name: &str, _container_type: &str) {
+                self.path.push(name.to_string());
+            }
+            fn exit_module(&mut self, _name: &str, _container_type: &str) {
+                self.path.pop();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+                if self.found.is_none() && !param.val().is_finite().all().into_scalar::<bool>() {
+                    self.found = Some(self.path.join("."));
+                }
+            }
+        }
+        let mut find = Find { path: Vec::new(), found: None };
+        self.visit(&mut find);
+        find.found
     }
 
     /// Returns the model's config.
@@ -457,6 +489,50 @@ mod tests {
         model.forward(ids.clone(), Some(&mask), &ctx).unwrap();
         let unmasked = model.forward(ids, None, &ctx).unwrap();
         assert_close(&values(unmasked), &values(expected), 1e-6);
+    }
+
+    #[test]
+    fn shapes_and_masks_change_between_calls() {
+        let device = test_device();
+        let config = small_config(vec![AttentionKind::Local, AttentionKind::Lsh], 8, [8, 8], true);
+        let model = ReformerLm::new(&config, 0, &device).unwrap();
+        let ctx = ForwardContext::eval(2);
+        let calls: [(usize, usize, Option<Vec<usize>>); 5] =
+            [(2, 5, None), (3, 17, Some(vec![17, 9, 1])), (1, 1, None), (2, 64, Some(vec![64, 30])), (3, 17, None)];
+        for (batch, seq_len, lengths) in calls {
+            let ids = ids_tensor(random_ids(batch, seq_len, seq_len as u64), batch, &device);
+            let mask = lengths.map(|lengths| KeyMask::from_lengths(&lengths, seq_len));
+            let logits = model.forward(ids.clone(), mask.as_ref(), &ctx).unwrap();
+            assert_eq!(logits.dims(), [batch, seq_len, VOCAB_SIZE]);
+            // A model that never ran before gives the same logits: no call leaves state behind.
+            let fresh = ReformerLm::new(&config, 0, &device).unwrap();
+            let expected = fresh.forward(ids, mask.as_ref(), &ctx).unwrap();
+            assert_close(&values(logits), &values(expected), 1e-6);
+        }
+    }
+
+    #[test]
+    fn first_token_logits_do_not_depend_on_length() {
+        // In a causal model the first token sees only itself, whatever follows it, so a
+        // one-token input must give the first logits of any longer input. One hash round:
+        // with several, rounds that see only the query itself are combined with weights that
+        // add up to 1 only within about 1e-3 in f32, as in Hugging Face (spec section 7).
+        let device = test_device();
+        let config = ReformerConfig {
+            num_hashes: 1,
+            ..small_config(vec![AttentionKind::Local, AttentionKind::Lsh], 8, [8, 8], true)
+        };
+        let model = ReformerLm::new(&config, 0, &device).unwrap();
+        let ctx = ForwardContext::eval(4);
+        let ids = random_ids(1, 64, 8);
+        let first = |seq_len: usize| {
+            let logits = model.forward(ids_tensor(ids[..seq_len].to_vec(), 1, &device), None, &ctx).unwrap();
+            values(logits.slice([0..1, 0..1, 0..VOCAB_SIZE]))
+        };
+        let alone = first(1);
+        for seq_len in [2, 7, 8, 17, 64] {
+            assert_close(&first(seq_len), &alone, 1e-5);
+        }
     }
 
     #[cfg(feature = "wgpu")]
