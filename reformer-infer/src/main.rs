@@ -19,7 +19,7 @@ use reformer_model::hf::{HfArchitecture, HfCheckpoint, load_hf_checkpoint, load_
 use reformer_model::loss::{causal_lm_outputs, weighted_accuracy, weighted_cross_entropy};
 use reformer_model::sampling::SamplingPolicy;
 use reformer_model::tokenizer::{SENTENCEPIECE_FILE, Tokenizer};
-use reformer_model::{ForwardContext, ReformerLm};
+use reformer_model::{AttentionKind, ForwardContext, LshMode, ReformerLm};
 use reformer_train::plot::PLOT_FILE;
 use reformer_train::run_dir::{CONFIG_FILE, METRICS_FILE, SETTINGS_FILE, read_json, write_checkpoint, write_json_atomic};
 use reformer_train::settings::{TaskSettings, TrainSettings};
@@ -127,9 +127,25 @@ struct ScoreArgs {
 struct EvalArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Hash rounds of every LSH layer at evaluation, overriding the config's num_hashes.
-    #[arg(long)]
+    /// Hash rounds of every LSH layer at evaluation [default: those the run trained with].
+    #[arg(long, value_name = "N", conflicts_with_all = ["full_attention", "ablate_lsh", "table"])]
     num_hashes: Option<usize>,
+    /// Evaluate the LSH layers with exact attention over every position, keeping their
+    /// parameters and conventions (shared query-key, a token attends to itself only when
+    /// nothing else is allowed).
+    #[arg(long, conflicts_with_all = ["ablate_lsh", "table"])]
+    full_attention: bool,
+    /// Set the output of every LSH layer to zero, so that only the residual stream passes: a
+    /// model that copies through its LSH layers falls to chance accuracy.
+    #[arg(long, conflicts_with = "table")]
+    ablate_lsh: bool,
+    /// Evaluate under full attention and LSH with 8, 4, 2 and 1 hash rounds, on the same
+    /// sequences, and print the row as in Table 2 of the Reformer paper.
+    #[arg(long)]
+    table: bool,
+    /// Print one JSON object per evaluation, with numbers at full precision.
+    #[arg(long)]
+    json: bool,
     /// Batches of evaluation sequences.
     #[arg(long, default_value_t = 8)]
     batches: usize,
@@ -192,9 +208,10 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
         .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
-/// Returns the duplication task a run was trained on, or `None` for a text run. A run
-/// directory without `train.json` (one written by `convert`) counts as a text run.
-fn duplication_task(run: &Path) -> anyhow::Result<Option<DuplicationTask>> {
+/// Returns the duplication task a run was trained on, with its training settings, or `None`
+/// for a text run. A run directory without `train.json` (one written by `convert`) counts as
+/// a text run.
+fn duplication_run(run: &Path) -> anyhow::Result<Option<(DuplicationTask, TrainSettings)>> {
     if !run.is_dir() {
         bail!("run directory {} not found; pass the --out folder of a reformer-train run", run.display());
     }
@@ -204,7 +221,7 @@ fn duplication_task(run: &Path) -> anyhow::Result<Option<DuplicationTask>> {
     }
     let settings: TrainSettings = read_json(&path)?;
     Ok(match settings.task {
-        TaskSettings::Duplication { n_symbols } => Some(DuplicationTask::for_seq_len(settings.seq_len, n_symbols)),
+        TaskSettings::Duplication { n_symbols } => Some((DuplicationTask::for_seq_len(settings.seq_len, n_symbols), settings)),
         TaskSettings::Text { .. } => None,
     })
 }
@@ -253,7 +270,7 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<Loaded> {
     let device = select_device(&args.device)?;
     let (model, architecture, input, source) = match (&args.run, &args.hf) {
         (Some(run), _) => {
-            let duplication = duplication_task(run)?.is_some();
+            let duplication = duplication_run(run)?.is_some();
             let model = load_run(run, &device)?;
             let input = if duplication { Input::Duplication } else { Input::Text(Tokenizer::for_checkpoint(run, model.config().vocab_size)?) };
             let architecture = HfArchitecture::for_config(model.config());
@@ -462,9 +479,30 @@ fn print_score(file: Option<&PathBuf>, totals: &ScoreTotals, as_json: bool) -> s
     }
 }
 
+/// Columns of Table 2 of Kitaev et al. (2020): the attention at evaluation, full first, then
+/// LSH by falling hash rounds.
+const TABLE_HASHES: [Option<usize>; 5] = [None, Some(8), Some(4), Some(2), Some(1)];
+
+/// One evaluation of a duplication run under one attention of its LSH layers.
+struct Evaluation {
+    /// `full`, `LSH-<n>` or `ablated`.
+    label: String,
+    /// Hash rounds, when the LSH layers hash.
+    num_hashes: Option<usize>,
+    correct: usize,
+    counted: usize,
+}
+
+impl Evaluation {
+    fn accuracy(&self) -> f64 {
+        100.0 * self.correct as f64 / self.counted.max(1) as f64
+    }
+}
+
 fn eval(args: EvalArgs) -> anyhow::Result<()> {
-    let Some(task) = duplication_task(&args.common.run)? else {
-        bail!("run {} is not a duplication-task run; `eval` measures second-copy accuracy, use `score` for text", args.common.run.display());
+    let run = &args.common.run;
+    let Some((task, settings)) = duplication_run(run)? else {
+        bail!("run {} is not a duplication-task run; `eval` measures second-copy accuracy, use `score` for text", run.display());
     };
     if args.num_hashes == Some(0) {
         bail!("invalid --num-hashes 0: use at least one hash round");
@@ -474,29 +512,116 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     }
 
     let (model, device) = load(&args.common)?;
-    let needed = reformer_model::memory::step_bytes(model.config(), args.batch_size, task.seq_len(), false, true);
+    let mut needed = reformer_model::memory::step_bytes(model.config(), args.batch_size, task.seq_len(), false, true);
+    if args.table || args.full_attention {
+        needed += reformer_model::memory::full_attention_bytes(model.config(), args.batch_size, task.seq_len(), false);
+    }
     reformer_model::memory::check_fits(
         needed,
         || format!("evaluating --batch-size {} sequences of {} tokens", args.batch_size, task.seq_len()),
         || "lower --batch-size and raise --batches to keep the number of sequences".to_string(),
     )?;
-    let mut ctx = ForwardContext::eval(args.common.seed);
-    ctx.num_hashes = args.num_hashes;
-    let mut rng = StdRng::seed_from_u64(args.common.seed);
+    let config = model.config();
+    let changes_lsh = args.num_hashes.is_some() || args.full_attention || args.ablate_lsh || args.table;
+    if changes_lsh && !config.attn_layers.contains(&AttentionKind::Lsh) {
+        bail!(
+            "run {} has no LSH layer (attn_layers {:?}); --num-hashes, --full-attention, --ablate-lsh and --table apply to LSH layers only",
+            run.display(),
+            config.attn_layers
+        );
+    }
+    let trained = settings.attention_label(config);
+    // Without a flag the run is evaluated as it trained.
+    let trained_ctx = settings.apply_attention(ForwardContext::eval(args.common.seed));
+    let hashed = |num_hashes: usize| (format!("LSH-{num_hashes}"), ForwardContext::eval(args.common.seed).with_num_hashes(Some(num_hashes)));
+    let full = || ("full".to_string(), ForwardContext::eval(args.common.seed).with_lsh_mode(LshMode::Full));
+    let runs: Vec<(String, ForwardContext)> = if args.table {
+        TABLE_HASHES.iter().map(|hashes| hashes.map_or_else(full, hashed)).collect()
+    } else if args.full_attention {
+        vec![full()]
+    } else if args.ablate_lsh {
+        vec![("ablated".to_string(), ForwardContext::eval(args.common.seed).with_lsh_mode(LshMode::Ablated))]
+    } else if let Some(num_hashes) = args.num_hashes {
+        vec![hashed(num_hashes)]
+    } else {
+        vec![(trained.clone(), trained_ctx)]
+    };
 
+    let mut evaluations = Vec::with_capacity(runs.len());
+    for (label, ctx) in runs {
+        let (correct, counted) = second_copy_accuracy(&model, &device, &task, &ctx, &args)?;
+        let num_hashes = (ctx.lsh_mode == LshMode::Hashed).then(|| ctx.num_hashes.unwrap_or(config.num_hashes));
+        evaluations.push(Evaluation { label, num_hashes, correct, counted });
+    }
+    print_evaluations(&evaluations, &trained, args.table, args.json)?;
+    Ok(())
+}
+
+/// Counts correct second-copy predictions and scored tokens over `--batches` batches. The
+/// batches depend only on `--seed`, so every attention is evaluated on the same sequences.
+fn second_copy_accuracy(
+    model: &ReformerLm,
+    device: &Device,
+    task: &DuplicationTask,
+    ctx: &ForwardContext,
+    args: &EvalArgs,
+) -> anyhow::Result<(usize, usize)> {
+    let mut rng = StdRng::seed_from_u64(args.common.seed);
     let mut correct = 0;
     let mut counted = 0;
     for _ in 0..args.batches {
         let batch = task.sample(args.batch_size, &mut rng);
-        let (ids, weights) = batch.to_tensors(&device);
-        let (logits, targets, weights) = causal_lm_outputs(&model, ids, weights, &ctx)?;
+        let (ids, weights) = batch.to_tensors(device);
+        let (logits, targets, weights) = causal_lm_outputs(model, ids, weights, ctx)?;
         let (batch_correct, batch_counted) = weighted_accuracy(logits, targets, weights);
         correct += batch_correct;
         counted += batch_counted;
     }
+    Ok((correct, counted))
+}
 
-    let hashes = args.num_hashes.unwrap_or(model.config().num_hashes);
-    println!("second-copy accuracy: {:.2}% ({correct}/{counted} tokens, hash rounds: {hashes})", 100.0 * correct as f64 / counted.max(1) as f64);
+fn print_evaluations(evaluations: &[Evaluation], trained: &str, table: bool, as_json: bool) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    if as_json {
+        for evaluation in evaluations {
+            let line = json!({
+                "trained": trained,
+                "evaluated": evaluation.label,
+                "num_hashes": evaluation.num_hashes,
+                "accuracy": evaluation.accuracy(),
+                "correct": evaluation.correct,
+                "tokens": evaluation.counted,
+            });
+            writeln!(stdout, "{line}")?;
+        }
+        return Ok(());
+    }
+    if table {
+        // Rows are the training attention and columns the evaluation attention, as in Table 2
+        // of Kitaev et al. (2020).
+        let counted = evaluations.first().map_or(0, |e| e.counted);
+        writeln!(stdout, "second-copy accuracy in percent over {counted} tokens; columns: attention at evaluation")?;
+        write!(stdout, "{:<14}", "trained with")?;
+        for evaluation in evaluations {
+            write!(stdout, "{:>8}", evaluation.label)?;
+        }
+        writeln!(stdout)?;
+        write!(stdout, "{trained:<14}")?;
+        for evaluation in evaluations {
+            write!(stdout, "{:>8.2}", evaluation.accuracy())?;
+        }
+        return writeln!(stdout);
+    }
+    for evaluation in evaluations {
+        writeln!(
+            stdout,
+            "second-copy accuracy: {:.2}% ({}/{} tokens, trained with {trained}, evaluated with {})",
+            evaluation.accuracy(),
+            evaluation.correct,
+            evaluation.counted,
+            evaluation.label
+        )?;
+    }
     Ok(())
 }
 

@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use reformer_model::ReformerConfig;
+use reformer_model::{AttentionKind, ReformerConfig};
 use reformer_model::checkpoint::latest_checkpoint;
-use reformer_train::settings::{TaskSettings, TrainSettings, preset};
+use reformer_train::settings::{TaskSettings, TrainAttention, TrainSettings, preset};
 use reformer_train::trainer::{ExistingRun, TrainEvent, train};
 
 fn settings(task: TaskSettings, seq_len: usize) -> TrainSettings {
@@ -24,6 +24,8 @@ fn settings(task: TaskSettings, seq_len: usize) -> TrainSettings {
         eval_every: 2,
         checkpoint_every: 2,
         reversible: true,
+        attention: TrainAttention::Lsh,
+        num_hashes: None,
     }
 }
 
@@ -83,6 +85,127 @@ fn duplication_run_trains_and_evaluates() {
     // A second run into the same folder is refused without --resume or --force.
     let error = train(&config, &settings, &run, ExistingRun::Refuse, &mut |_| {}).unwrap_err();
     assert!(error.to_string().contains("--resume"), "{error}");
+}
+
+/// Returns the row of `eval --table`'s output: the accuracies after the training label.
+fn table_row(stdout: &str) -> Vec<f64> {
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "a title, a header and one row:\n{stdout}");
+    let header: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(header, ["trained", "with", "full", "LSH-8", "LSH-4", "LSH-2", "LSH-1"], "{stdout}");
+    let row: Vec<&str> = lines[2].split_whitespace().collect();
+    row[1..].iter().map(|cell| cell.parse().unwrap_or_else(|_| panic!("cell `{cell}` is not a number: {stdout}"))).collect()
+}
+
+#[test]
+fn duplication_table_and_ablation() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = preset("duplication-small").unwrap().config;
+    let base = settings(TaskSettings::Duplication { n_symbols: config.vocab_size }, 32);
+    let run = dir.path().join("lsh");
+    train(&config, &TrainSettings { num_hashes: Some(2), ..base.clone() }, &run, ExistingRun::Refuse, &mut |_| {}).unwrap();
+    let run_arg = run.to_str().unwrap();
+    let small = ["--batches", "1", "--batch-size", "2"];
+
+    let output = infer(&[&["eval", "--run", run_arg, "--table"][..], &small].concat());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let row = table_row(&stdout);
+    assert_eq!(row.len(), 5, "{stdout}");
+    assert!(row.iter().all(|accuracy| (0.0..=100.0).contains(accuracy)), "{stdout}");
+    assert!(stdout.lines().nth(2).unwrap().starts_with("LSH-2 "), "the row names the training attention: {stdout}");
+
+    let output = infer(&[&["eval", "--run", run_arg, "--table", "--json"][..], &small].concat());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let evaluated: Vec<&str> = lines.iter().map(|line| line["evaluated"].as_str().unwrap()).collect();
+    assert_eq!(evaluated, ["full", "LSH-8", "LSH-4", "LSH-2", "LSH-1"]);
+    for (line, accuracy) in lines.iter().zip(&row) {
+        assert!((line["accuracy"].as_f64().unwrap() - accuracy).abs() < 0.01, "JSON and table differ: {line} against {accuracy}");
+        assert_eq!(line["trained"], "LSH-2");
+    }
+
+    for (flag, label) in [("--ablate-lsh", "ablated"), ("--full-attention", "full")] {
+        let output = infer(&[&["eval", "--run", run_arg, flag, "--json"][..], &small].concat());
+        assert!(output.status.success(), "{flag}: {}", String::from_utf8_lossy(&output.stderr));
+        let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(line["evaluated"], label);
+    }
+    let output = infer(&[&["eval", "--run", run_arg, "--json"][..], &small].concat());
+    let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(line["evaluated"], "LSH-2", "without a flag the run is evaluated as it trained");
+}
+
+#[test]
+fn full_attention_run_trains_and_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = preset("duplication-small").unwrap().config;
+    let base = settings(TaskSettings::Duplication { n_symbols: config.vocab_size }, 64);
+    let run = dir.path().join("full");
+    let mut losses = Vec::new();
+    let mut observe = |event| {
+        if let TrainEvent::Step { loss, .. } = event {
+            losses.push(loss);
+        }
+    };
+    train(&config, &TrainSettings { attention: TrainAttention::Full, ..base.clone() }, &run, ExistingRun::Refuse, &mut observe).unwrap();
+    assert!(losses.iter().all(|loss| loss.is_finite()), "{losses:?}");
+
+    let output = infer(&["eval", "--run", run.to_str().unwrap(), "--json", "--batches", "1", "--batch-size", "2"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(line["trained"], "full");
+    assert_eq!(line["evaluated"], "full");
+    assert!(line["num_hashes"].is_null());
+
+    // Changing the attention of a run is rejected on resume.
+    let error = train(&config, &TrainSettings { steps: 4, ..base }, &run, ExistingRun::Resume, &mut |_| {}).unwrap_err();
+    assert!(error.to_string().contains("attention is \"full\" in the saved run but \"lsh\" now"), "{error}");
+}
+
+#[test]
+fn attention_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = preset("duplication-small").unwrap().config;
+    let base = settings(TaskSettings::Duplication { n_symbols: config.vocab_size }, 32);
+    let cases = [
+        (TrainSettings { num_hashes: Some(0), ..base.clone() }, "invalid --num-hashes 0"),
+        (TrainSettings { attention: TrainAttention::Full, num_hashes: Some(2), ..base.clone() }, "--num-hashes 2 has no effect with --attention full"),
+    ];
+    for (index, (settings, expected)) in cases.into_iter().enumerate() {
+        let error = train(&config, &settings, &dir.path().join(index.to_string()), ExistingRun::Refuse, &mut |_| {}).unwrap_err();
+        assert!(error.to_string().contains(expected), "{error}");
+    }
+
+    let mut local_only = config.clone();
+    local_only.attn_layers = vec![AttentionKind::Local];
+    let full = TrainSettings { attention: TrainAttention::Full, ..base.clone() };
+    let error = train(&local_only, &full, &dir.path().join("local-full"), ExistingRun::Refuse, &mut |_| {}).unwrap_err();
+    assert!(error.to_string().contains("the model has none"), "{error}");
+
+    // A run without LSH layers trains, but the LSH flags of `eval` are rejected on it.
+    let run = dir.path().join("local");
+    train(&local_only, &TrainSettings { steps: 1, ..base }, &run, ExistingRun::Refuse, &mut |_| {}).unwrap();
+    let run_arg = run.to_str().unwrap();
+    for flag in ["--table", "--full-attention", "--ablate-lsh"] {
+        let output = infer(&["eval", "--run", run_arg, flag, "--batches", "1", "--batch-size", "2"]);
+        assert!(!output.status.success(), "{flag} on a run without LSH layers succeeded");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("has no LSH layer"), "{flag}: {stderr}");
+    }
+
+    let output = infer(&["eval", "--run", run_arg, "--num-hashes", "0"]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("invalid --num-hashes 0"));
+    for conflict in [["--table", "--num-hashes"], ["--full-attention", "--ablate-lsh"], ["--table", "--ablate-lsh"]] {
+        let mut args = vec!["eval", "--run", run_arg, conflict[0], conflict[1]];
+        if conflict[1] == "--num-hashes" {
+            args.push("2");
+        }
+        let output = infer(&args);
+        assert!(!output.status.success(), "{conflict:?} accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("cannot be used with"), "{conflict:?}: {stderr}");
+    }
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use reformer_train::settings::{TaskSettings, TrainSettings, preset};
+use reformer_train::settings::{TaskSettings, TrainAttention, TrainSettings, preset};
 use reformer_train::trainer::{ExistingRun, train};
 
 const INFER: &str = env!("CARGO_BIN_EXE_reformer-infer");
@@ -70,6 +70,8 @@ fn train_run(out: &Path, text: Option<PathBuf>) {
         eval_every: 1,
         checkpoint_every: 1,
         reversible: true,
+        attention: TrainAttention::Lsh,
+        num_hashes: None,
     };
     train(&config, &settings, out, ExistingRun::Refuse, &mut |_| {}).unwrap();
 }

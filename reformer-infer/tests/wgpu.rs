@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use reformer_train::settings::{TaskSettings, TrainSettings, preset};
+use reformer_train::settings::{TaskSettings, TrainAttention, TrainSettings, preset};
 use reformer_train::trainer::{ExistingRun, TrainEvent, train};
 
 fn settings(device: &str) -> TrainSettings {
@@ -23,6 +23,8 @@ fn settings(device: &str) -> TrainSettings {
         eval_every: 3,
         checkpoint_every: 3,
         reversible: true,
+        attention: TrainAttention::Lsh,
+        num_hashes: None,
     }
 }
 

@@ -143,6 +143,22 @@ impl Rotations {
     }
 }
 
+/// Attention mode of the LSH layers in one forward call. Local layers are never affected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LshMode {
+    /// Hash, sort and attend within chunks, the Reformer's LSH attention (the default).
+    #[default]
+    Hashed,
+    /// Exact attention over every allowed position with the same parameters and conventions:
+    /// shared query-key projection, normalised keys, and a token's own key used only when no
+    /// other key is allowed. This is the "full attention" evaluation of an LSH-trained model in
+    /// Table 2 of Kitaev et al. (2020), and it also trains a full-attention baseline.
+    Full,
+    /// The layers' output is zero, so the residual stream passes through unchanged. Shows
+    /// whether a trained model depends on its LSH layers.
+    Ablated,
+}
+
 /// Settings and randomness of one forward call.
 #[derive(Clone, Debug)]
 pub struct ForwardContext {
@@ -154,6 +170,8 @@ pub struct ForwardContext {
     pub step: u64,
     /// Overrides `num_hashes` of every LSH layer.
     pub num_hashes: Option<usize>,
+    /// Attention mode of the LSH layers.
+    pub lsh_mode: LshMode,
     /// Rotations to use instead of random ones, by layer index in `attn_layers`.
     pub rotations: Option<Arc<HashMap<usize, Rotations>>>,
     /// Back-propagates through the layers with the reversible node, which recomputes each
@@ -202,12 +220,24 @@ impl BucketMemo {
 impl ForwardContext {
     /// Returns an evaluation context (no dropout) with rotations drawn from `seed`.
     pub fn eval(seed: u64) -> Self {
-        Self { training: false, seed, step: 0, num_hashes: None, rotations: None, reversible: true, buckets: None }
+        Self { training: false, seed, step: 0, num_hashes: None, lsh_mode: LshMode::Hashed, rotations: None, reversible: true, buckets: None }
     }
 
     /// Returns a training context (dropout on) for optimizer step `step`.
     pub fn train(seed: u64, step: u64) -> Self {
-        Self { training: true, seed, step, num_hashes: None, rotations: None, reversible: true, buckets: None }
+        Self { training: true, seed, step, num_hashes: None, lsh_mode: LshMode::Hashed, rotations: None, reversible: true, buckets: None }
+    }
+
+    /// Returns the context with [`ForwardContext::num_hashes`] set.
+    pub fn with_num_hashes(mut self, num_hashes: Option<usize>) -> Self {
+        self.num_hashes = num_hashes;
+        self
+    }
+
+    /// Returns the context with [`ForwardContext::lsh_mode`] set.
+    pub fn with_lsh_mode(mut self, lsh_mode: LshMode) -> Self {
+        self.lsh_mode = lsh_mode;
+        self
     }
 
     /// Returns the context with [`ForwardContext::reversible`] set.

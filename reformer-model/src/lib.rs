@@ -32,6 +32,6 @@ pub mod tokenizer;
 pub(crate) mod testing;
 
 pub use config::{Activation, AttentionKind, NumBuckets, ReformerConfig};
-pub use context::{ForwardContext, KeyMask, Rotations};
+pub use context::{ForwardContext, KeyMask, LshMode, Rotations};
 pub use error::{ConfigError, InputError};
 pub use model::ReformerLm;

@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use crate::attention::local::LocalSelfAttention;
 use crate::attention::lsh::LshSelfAttention;
 use crate::config::{AttentionKind, ReformerConfig};
-use crate::context::{ForwardContext, KeyMask, RandomSite};
+use crate::context::{ForwardContext, KeyMask, LshMode, RandomSite};
 use crate::embeddings::Embeddings;
 use crate::error::{ConfigError, InputError};
 use crate::feed_forward::FeedForward;
@@ -47,7 +47,8 @@ impl AttentionBlock {
         }
     }
 
-    /// Runs the block.
+    /// Runs the block. An LSH block returns zeros under [`LshMode::Ablated`], so that the
+    /// residual stream passes through the layer unchanged.
     ///
     /// # Shapes
     /// - `z`: `[batch_size, seq_len, d_model]`
@@ -59,6 +60,9 @@ impl AttentionBlock {
         layer: usize,
         ctx: &ForwardContext,
     ) -> Result<Tensor<3>, InputError> {
+        if self.lsh.is_some() && ctx.lsh_mode == LshMode::Ablated {
+            return Ok(z.zeros_like());
+        }
         let normed = self.layer_norm.forward(z);
         let heads = match (&self.lsh, &self.local) {
             (Some(lsh), _) => lsh.forward(normed, mask, layer, ctx)?,
@@ -394,6 +398,28 @@ mod tests {
             assert!(u_error < 1e-4, "layer {index}: U reconstructed with error {u_error}");
             assert!(z_error < 1e-4, "layer {index}: Z reconstructed with error {z_error}");
         }
+    }
+
+    #[test]
+    fn ablated_lsh_layer_passes_residual_through() {
+        let device = test_device();
+        let config = small_config(vec![AttentionKind::Local, AttentionKind::Lsh], 8, [8, 8], true);
+        let model = ReformerLm::new(&config, 0, &device).unwrap();
+        let ablated = ForwardContext::eval(3).with_lsh_mode(LshMode::Ablated);
+        let hashed = ForwardContext::eval(3);
+        let u = random_tensor([2, 32, D_MODEL], 1, &device);
+        let z = random_tensor([2, 32, D_MODEL], 2, &device);
+
+        let lsh_out = values(model.layers[1].attention.forward(z.clone(), None, 1, &ablated).unwrap());
+        assert!(lsh_out.iter().all(|&v| v == 0.0), "the ablated LSH block's output is not zero");
+        let (u_out, _) = model.layers[1].forward(u.clone(), z.clone(), None, 1, &ablated).unwrap();
+        assert_eq!(values(u_out), values(u), "U changed through an ablated LSH layer");
+
+        // Local layers are not ablated.
+        let local_ablated = values(model.layers[0].attention.forward(z.clone(), None, 0, &ablated).unwrap());
+        let local_hashed = values(model.layers[0].attention.forward(z, None, 0, &hashed).unwrap());
+        assert!(local_hashed.iter().any(|&v| v != 0.0), "the local block's output is zero");
+        assert_eq!(local_ablated, local_hashed);
     }
 
     #[test]

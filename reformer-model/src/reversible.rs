@@ -381,6 +381,7 @@ mod tests {
 
     use super::*;
     use crate::config::{AttentionKind, ReformerConfig};
+    use crate::context::LshMode;
     use crate::device::{compiled_backends, select_device};
     use crate::model::ReformerLm;
     use crate::testing::{GradSource, grads_by_path, random_tensor, values};
@@ -520,11 +521,12 @@ mod tests {
 
     /// Runs one call with and without the node on every backend and compares the loss, the
     /// gradient of the stack's input and every parameter's gradient.
-    fn check_against_plain(depth: usize, is_decoder: bool, lengths: Option<&[usize]>) {
+    fn check_against_plain(depth: usize, is_decoder: bool, lengths: Option<&[usize]>, lsh_mode: LshMode) {
         for device in devices() {
-            let label = format!("{device:?}, {depth} layers, decoder {is_decoder}, lengths {lengths:?}");
+            let label = format!("{device:?}, {depth} layers, decoder {is_decoder}, lengths {lengths:?}, {lsh_mode:?}");
             let model = ReformerLm::new(&config(depth, is_decoder), 0, &device).unwrap();
-            let call = Call::new(lengths.map_or(2, <[usize]>::len), lengths, 3, &device);
+            let mut call = Call::new(lengths.map_or(2, <[usize]>::len), lengths, 3, &device);
+            call.ctx.lsh_mode = lsh_mode;
 
             let run = |reversible: bool| {
                 let offset = Tensor::<3>::zeros([call.ids.dims()[0], SEQ_LEN, D_MODEL], &device).require_grad();
@@ -545,17 +547,22 @@ mod tests {
 
     #[test]
     fn two_layers_causal_padded() {
-        check_against_plain(2, true, Some(&[SEQ_LEN, 21]));
+        check_against_plain(2, true, Some(&[SEQ_LEN, 21]), LshMode::Hashed);
+    }
+
+    #[test]
+    fn full_lsh_mode_causal_padded() {
+        check_against_plain(2, true, Some(&[SEQ_LEN, 21]), LshMode::Full);
     }
 
     #[test]
     fn six_layers_causal_padded() {
-        check_against_plain(6, true, Some(&[13, SEQ_LEN]));
+        check_against_plain(6, true, Some(&[13, SEQ_LEN]), LshMode::Hashed);
     }
 
     #[test]
     fn two_layers_bidirectional() {
-        check_against_plain(2, false, None);
+        check_against_plain(2, false, None, LshMode::Hashed);
     }
 
     #[test]

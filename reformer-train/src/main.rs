@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use reformer_model::ReformerConfig;
-use reformer_train::settings::{PRESET_NAMES, TaskSettings, TrainSettings, preset};
+use reformer_train::settings::{PRESET_NAMES, TaskSettings, TrainAttention, TrainSettings, preset};
 use reformer_train::trainer::{ExistingRun, TrainError, TrainEvent, check_run, train_until};
 
 /// Train a Reformer language model.
@@ -20,7 +20,9 @@ struct Args {
     /// an error.
     #[arg(long, value_name = "FILE", conflicts_with = "preset")]
     config: Option<PathBuf>,
-    /// Built-in model config: `duplication` (the default) or `text` (the default with --data).
+    /// Built-in model config: `duplication` (the default), `duplication-small` (one LSH layer,
+    /// length 128), `duplication-paper` (the Reformer paper's duplication setting, length 1024)
+    /// or `text` (the default with --data).
     #[arg(long, value_name = "NAME")]
     preset: Option<String>,
     /// Text to train a byte-level model on: a file or a folder (walked recursively in sorted
@@ -67,6 +69,13 @@ struct Args {
     /// reversible node that recomputes them (for comparison and debugging).
     #[arg(long)]
     no_reversible: bool,
+    /// Attention of the LSH layers: `lsh` hashes as configured; `full` attends exactly to every
+    /// position with the same parameters (the full-attention baseline).
+    #[arg(long, value_enum, default_value_t = TrainAttention::Lsh)]
+    attention: TrainAttention,
+    /// Hash rounds of every LSH layer in training, overriding the config's num_hashes.
+    #[arg(long, value_name = "N")]
+    num_hashes: Option<usize>,
     /// Continue the run in --out from its newest checkpoint.
     #[arg(long, conflicts_with = "force")]
     resume: bool,
@@ -161,6 +170,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         eval_every: args.eval_every,
         checkpoint_every: args.checkpoint_every,
         reversible: !args.no_reversible,
+        attention: args.attention,
+        num_hashes: args.num_hashes,
     };
     let out = args.out.clone().unwrap_or_else(|| default_run_dir(&preset_name));
     let existing = match (args.resume, args.force) {
@@ -194,8 +205,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         TrainEvent::Started { start_step, total_steps, parameters } => {
             bar.set_position(start_step);
             bar.println(format!(
-                "training {} ({parameters} parameters) on {} for steps {}..{total_steps}; run directory {}",
+                "training {} ({parameters} parameters, {} attention) on {} for steps {}..{total_steps}; run directory {}",
                 preset_name,
+                settings.attention_label(&config),
                 settings.device,
                 start_step + 1,
                 out.display()

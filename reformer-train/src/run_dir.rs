@@ -252,7 +252,7 @@ pub fn write_checkpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::{TaskSettings, preset};
+    use crate::settings::{TaskSettings, TrainAttention, preset};
 
     fn settings() -> TrainSettings {
         TrainSettings {
@@ -269,6 +269,8 @@ mod tests {
             eval_every: 5,
             checkpoint_every: 5,
             reversible: true,
+            attention: TrainAttention::Lsh,
+            num_hashes: None,
         }
     }
 
@@ -281,6 +283,32 @@ mod tests {
         let changed = TrainSettings { checkpoint_every: 7, ..settings() };
         let error = prepare(dir.path(), &config, &changed, ExistingRun::Resume).unwrap_err().to_string();
         assert!(error.contains("checkpoint_every is 5 in the saved run but 7 now"), "{error}");
+    }
+
+    #[test]
+    fn resume_rejects_changed_attention() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = preset("duplication").unwrap().config;
+        prepare(dir.path(), &config, &settings(), ExistingRun::Refuse).unwrap();
+
+        let full = TrainSettings { attention: TrainAttention::Full, ..settings() };
+        let error = prepare(dir.path(), &config, &full, ExistingRun::Resume).unwrap_err().to_string();
+        assert!(error.contains("attention is \"lsh\" in the saved run but \"full\" now"), "{error}");
+
+        let hashes = TrainSettings { num_hashes: Some(2), ..settings() };
+        let error = prepare(dir.path(), &config, &hashes, ExistingRun::Resume).unwrap_err().to_string();
+        assert!(error.contains("num_hashes is null in the saved run but 2 now"), "{error}");
+    }
+
+    #[test]
+    fn settings_without_attention_load_as_lsh() {
+        // train.json as written before `attention` and `num_hashes` existed.
+        let mut value = serde_json::to_value(settings()).unwrap();
+        let object = value.as_object_mut().unwrap();
+        object.remove("attention");
+        object.remove("num_hashes");
+        let loaded: TrainSettings = serde_json::from_value(value).unwrap();
+        assert_eq!(loaded, settings());
     }
 
     #[test]

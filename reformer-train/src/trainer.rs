@@ -16,11 +16,11 @@ use reformer_model::data::{Batch, ByteCorpus, DuplicationTask};
 use reformer_model::device::select_device;
 use reformer_model::loss::{causal_lm_outputs, weighted_accuracy, weighted_cross_entropy};
 use reformer_model::memory;
-use reformer_model::{ForwardContext, ReformerConfig, ReformerLm};
+use reformer_model::{AttentionKind, ForwardContext, ReformerConfig, ReformerLm};
 use serde::{Deserialize, Serialize};
 
 use crate::run_dir::{self, RunDirError};
-use crate::settings::{TaskSettings, TrainSettings};
+use crate::settings::{TaskSettings, TrainAttention, TrainSettings};
 
 /// File name of the optimizer state inside a checkpoint folder.
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
@@ -228,7 +228,7 @@ pub fn batch_loss(
 
 /// Validates `model` (without autodiff) on the task's held-out data.
 pub fn validate(model: &ReformerLm, task: &TaskData, settings: &TrainSettings, device: &Device) -> Result<ValidationMetrics, TrainError> {
-    let ctx = ForwardContext::eval(mix_seed(&[settings.seed, EVAL_STREAM]));
+    let ctx = settings.apply_attention(ForwardContext::eval(mix_seed(&[settings.seed, EVAL_STREAM])));
     let batches: Vec<Batch> = match task {
         TaskData::Duplication(dup) => {
             let mut rng = StdRng::seed_from_u64(mix_seed(&[settings.seed, EVAL_STREAM]));
@@ -372,6 +372,7 @@ pub fn train_until(
             let batch = task.sample(settings, &mut rng);
             let ctx = ForwardContext::train(settings.seed, step * settings.grad_accum as u64 + micro as u64)
                 .with_reversible(settings.reversible);
+            let ctx = settings.apply_attention(ctx);
             let (loss, _) = batch_loss(&model, &batch, &ctx, &ad_device, false)?;
             let loss = loss / settings.grad_accum as f64;
             step_loss += loss.clone().into_scalar::<f32>();
@@ -457,7 +458,28 @@ fn check_settings(config: &ReformerConfig, settings: &TrainSettings) -> Result<(
     if !(settings.clip_norm >= 0.0 && settings.clip_norm.is_finite()) {
         return Err(TrainError::Invalid(format!("invalid clip norm {}: use 0 (off) or a positive threshold", settings.clip_norm)));
     }
+    check_attention(config, settings)?;
     check_memory(config, settings)
+}
+
+/// Checks `--attention` and `--num-hashes` against each other and the model.
+fn check_attention(config: &ReformerConfig, settings: &TrainSettings) -> Result<(), TrainError> {
+    if settings.num_hashes == Some(0) {
+        return Err(TrainError::Invalid("invalid --num-hashes 0: use at least one hash round".into()));
+    }
+    let changes_lsh = settings.attention != TrainAttention::Lsh || settings.num_hashes.is_some();
+    if changes_lsh && !config.attn_layers.contains(&AttentionKind::Lsh) {
+        return Err(TrainError::Invalid(format!(
+            "--attention and --num-hashes set the LSH layers, but the model has none (attn_layers {:?}); drop them or use a config with an \"lsh\" layer",
+            config.attn_layers
+        )));
+    }
+    if let (TrainAttention::Full, Some(n_hashes)) = (settings.attention, settings.num_hashes) {
+        return Err(TrainError::Invalid(format!(
+            "--num-hashes {n_hashes} has no effect with --attention full, which does not hash; drop one of them"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses a step too large for the machine, before anything is allocated: an allocation that
@@ -471,7 +493,9 @@ fn check_memory(config: &ReformerConfig, settings: &TrainSettings) -> Result<(),
     let needed = if settings.device == "wgpu" {
         settings.batch_size as f64 * settings.seq_len as f64 * 12.0
     } else {
+        let full = settings.attention == TrainAttention::Full;
         memory::step_bytes(config, settings.batch_size, settings.seq_len, true, settings.reversible)
+            + if full { memory::full_attention_bytes(config, settings.batch_size, settings.seq_len, true) } else { 0.0 }
     };
     memory::check_fits(needed, what, fix).map_err(|e| TrainError::Invalid(e.to_string()))
 }

@@ -20,7 +20,7 @@ use super::{
     split_heads, window_positions,
 };
 use crate::config::{NumBuckets, ReformerConfig};
-use crate::context::{ForwardContext, KeyMask, RandomSite, Rotations, mix_seed};
+use crate::context::{ForwardContext, KeyMask, LshMode, RandomSite, Rotations, mix_seed};
 use crate::error::InputError;
 use crate::init::normal_linear;
 
@@ -117,10 +117,11 @@ impl LshSelfAttention {
     }
 
     /// Checks that rotations given in `ctx` for this layer fit a call at padded length
-    /// `seq_len`. Sequences of at most one chunk are not hashed, so nothing is checked for them.
+    /// `seq_len`. Sequences of at most one chunk, and calls in [`LshMode::Full`] or
+    /// [`LshMode::Ablated`], are not hashed, so nothing is checked for them.
     pub fn check_rotations(&self, seq_len: usize, layer: usize, ctx: &ForwardContext) -> Result<(), InputError> {
         let given = ctx.rotations.as_ref().is_some_and(|all| all.contains_key(&layer));
-        if !given || seq_len <= self.settings.chunk_len {
+        if !given || seq_len <= self.settings.chunk_len || ctx.lsh_mode != LshMode::Hashed {
             return Ok(());
         }
         let n_hashes = ctx.num_hashes.unwrap_or(self.settings.n_hashes);
@@ -161,7 +162,9 @@ impl LshSelfAttention {
     /// Runs LSH self-attention and returns the merged heads, before the output projection.
     ///
     /// `layer` is the index in `attn_layers`: it selects injected rotations and seeds the
-    /// random ones.
+    /// random ones. With [`LshMode::Full`] in `ctx`, or when `seq_len <= chunk_len`, the layer
+    /// attends exactly over the whole sequence instead of hashing. [`LshMode::Ablated`] is
+    /// applied by the caller ([`crate::model::AttentionBlock`]), not here.
     ///
     /// # Shapes
     /// - `x`: `[batch_size, seq_len, d_model]`, with `seq_len` a multiple of `chunk_len` or at
@@ -179,8 +182,8 @@ impl LshSelfAttention {
         let qk = split_heads(self.query_key.forward(x.clone()), s.n_heads, s.d_head); // [batch_size, n_heads, seq_len, d_head]
         let v = split_heads(self.value.forward(x), s.n_heads, s.d_head); // [batch_size, n_heads, seq_len, d_head]
 
-        let out = if seq_len <= s.chunk_len {
-            self.attend_exact(qk, v, mask, layer, ctx)
+        let out = if seq_len <= s.chunk_len || ctx.lsh_mode == LshMode::Full {
+            self.attend_full(qk, v, mask, layer, ctx)
         } else {
             debug_assert_eq!(seq_len % s.chunk_len, 0, "seq_len {seq_len} is not a multiple of chunk_len {}", s.chunk_len);
             self.attend_hashed(qk, v, mask, layer, ctx)?
@@ -189,9 +192,9 @@ impl LshSelfAttention {
         Ok(merge_heads(out))
     }
 
-    /// Exact shared-QK attention over the whole sequence, used when `seq_len <= chunk_len`:
-    /// no hashing and no random draw.
-    fn attend_exact(
+    /// Exact shared-QK attention over the whole sequence: no hashing and no random draw
+    /// besides dropout. Used for [`LshMode::Full`] and whenever `seq_len <= chunk_len`.
+    fn attend_full(
         &self,
         qk: Tensor<4>,
         v: Tensor<4>,
@@ -200,17 +203,54 @@ impl LshSelfAttention {
         ctx: &ForwardContext,
     ) -> Tensor<4> {
         let s = &self.settings;
-        let [batch_size, n_heads, seq_len, _] = qk.dims();
         let keys = key_norm(qk.clone(), s.d_head);
         let scores = qk.matmul(keys.swap_dims(2, 3)); // [batch_size, n_heads, seq_len, seq_len]
-
-        let rows = batch_size * n_heads;
-        let positions: Vec<u32> = (0..seq_len as u32).collect::<Vec<_>>().repeat(rows);
-        let scores = self.apply_masks(scores, rows, seq_len, &positions, &positions, mask);
+        let scores = self.apply_full_masks(scores, mask);
 
         let (probs, _) = softmax_with_lse(scores);
         let probs = ctx.dropout(probs, s.dropout, layer, RandomSite::AttentionProbs);
         probs.matmul(v)
+    }
+
+    /// Replaces disallowed scores of full attention as [`Self::apply_masks`] does for chunks:
+    /// padding keys and (when causal) later keys by [`MASK_VALUE`], then the diagonal by
+    /// [`SELF_MASK_VALUE`]. The causal and self masks are built on the device; only the padding
+    /// flags, `batch_size * seq_len` of them, come from the host.
+    ///
+    /// # Shapes
+    /// - `scores`, output: `[batch_size, n_heads, seq_len, seq_len]`
+    fn apply_full_masks(&self, scores: Tensor<4>, mask: Option<&KeyMask>) -> Tensor<4> {
+        let shape = scores.dims();
+        let [batch_size, _, seq_len, _] = shape;
+        let device = scores.device();
+
+        let later = self
+            .settings
+            .is_decoder
+            .then(|| Tensor::<2, Bool>::tril_mask([seq_len, seq_len], 0, &device).reshape([1, 1, seq_len, seq_len])); // true where key > query
+        let padding = mask.map(|mask| {
+            let flags = (0..batch_size)
+                .flat_map(|b| (0..seq_len).map(move |t| !mask.is_valid(b, t)))
+                .collect();
+            bool_tensor(flags, [batch_size, 1, 1, seq_len], &device)
+        });
+        let disallowed = match (later, padding) {
+            (Some(later), Some(padding)) => Some(later.expand(shape).bool_or(padding.expand(shape))),
+            (Some(later), None) => Some(later.expand(shape)),
+            (None, Some(padding)) => Some(padding.expand(shape)),
+            (None, None) => None,
+        };
+        let scores = match disallowed {
+            Some(disallowed) => scores.mask_fill(disallowed, MASK_VALUE),
+            None => scores,
+        };
+
+        // `diag_mask` is false on the diagonal.
+        let own = Tensor::<2, Bool>::diag_mask([seq_len, seq_len], 0, &device)
+            .bool_not()
+            .reshape([1, 1, seq_len, seq_len])
+            .expand(shape);
+        scores.mask_fill(own, SELF_MASK_VALUE)
     }
 
     /// Hashed attention: bucket, sort, chunk, attend within windows, unsort, combine rounds.
@@ -573,6 +613,61 @@ mod tests {
             let out = layer.forward(x.clone(), None, 0, &ForwardContext::eval(seed)).unwrap();
             assert_close(&values(out), &expected, 1e-4);
         }
+    }
+
+    #[test]
+    fn full_mode_equals_exact_attention() {
+        // Four chunks: hashed attention would see only part of the sequence.
+        let device = test_device();
+        for causal in [false, true] {
+            let layer = LshSelfAttention::new(&lsh_config(2, None, causal), &mut test_rng(), &device);
+            let x = random_tensor([2, 4 * CHUNK_LEN, D_MODEL], 30, &device);
+            let ctx = ForwardContext::eval(0).with_lsh_mode(LshMode::Full);
+            let out = layer.forward(x.clone(), None, 0, &ctx).unwrap();
+            let expected = exact_shared_qk(&layer, x, causal);
+            assert_close(&values(out), &values(expected), 1e-4);
+        }
+    }
+
+    #[test]
+    fn full_mode_ignores_padding_keys() {
+        // Without a causal mask, padding is the only thing that hides the last keys: a real
+        // token's output must equal that of the sequence cut before the padding.
+        let device = test_device();
+        let layer = LshSelfAttention::new(&lsh_config(2, None, false), &mut test_rng(), &device);
+        let (seq_len, length) = (4 * CHUNK_LEN, 19);
+        let x = random_tensor([1, seq_len, D_MODEL], 31, &device);
+        let ctx = ForwardContext::eval(0).with_lsh_mode(LshMode::Full);
+        let mask = KeyMask::from_lengths(&[length], seq_len);
+
+        let padded = layer.forward(x.clone(), Some(&mask), 0, &ctx).unwrap();
+        let padded = padded.slice([0..1, 0..length]);
+        let cut = layer.forward(x.slice([0..1, 0..length]), None, 0, &ctx).unwrap();
+        assert_close(&values(padded), &values(cut), 1e-5);
+    }
+
+    #[test]
+    fn full_mode_row_with_only_itself_attends_to_itself() {
+        // Position 0 of a causal model has no earlier key, so its output is its own value.
+        let device = test_device();
+        let layer = LshSelfAttention::new(&lsh_config(1, None, true), &mut test_rng(), &device);
+        let x = random_tensor([1, 4 * CHUNK_LEN, D_MODEL], 32, &device);
+        let ctx = ForwardContext::eval(0).with_lsh_mode(LshMode::Full);
+        let out = layer.forward(x.clone(), None, 0, &ctx).unwrap();
+        let first_value = layer.value.forward(x.slice([0..1, 0..1]));
+        assert_close(&values(out.slice([0..1, 0..1])), &values(first_value), 1e-5);
+    }
+
+    #[test]
+    fn full_mode_ignores_injected_rotations() {
+        // Rotations of a wrong shape are an error when hashing, but full attention draws none.
+        let device = test_device();
+        let layer = LshSelfAttention::new(&lsh_config(2, Some(NumBuckets::Single(4)), false), &mut test_rng(), &device);
+        let x = random_tensor([1, 4 * CHUNK_LEN, D_MODEL], 33, &device);
+        let ctx = with_rotations(0, Rotations::random([N_HEADS, D_HEAD, 2, 3], 34)).with_lsh_mode(LshMode::Full);
+        let seq_len = 4 * CHUNK_LEN;
+        assert_eq!(layer.check_rotations(seq_len, 0, &ctx), Ok(()));
+        assert!(layer.forward(x, None, 0, &ctx).is_ok());
     }
 
     #[test]
