@@ -504,8 +504,10 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let Some((task, settings)) = duplication_run(run)? else {
         bail!("run {} is not a duplication-task run; `eval` measures second-copy accuracy, use `score` for text", run.display());
     };
-    if args.num_hashes == Some(0) {
-        bail!("invalid --num-hashes 0: use at least one hash round");
+    if let Some(n) = args.num_hashes
+        && !(1..=reformer_model::config::MAX_HASHES).contains(&n)
+    {
+        bail!("invalid --num-hashes {n}: use 1 to {} hash rounds", reformer_model::config::MAX_HASHES);
     }
     if args.batches == 0 || args.batch_size == 0 {
         bail!("invalid --batches {} / --batch-size {}: use positive numbers", args.batches, args.batch_size);

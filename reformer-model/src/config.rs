@@ -78,6 +78,15 @@ pub enum Activation {
     Silu,
 }
 
+/// Largest number of neighbouring chunks a chunk may attend to on one side. Beyond the number
+/// of chunks in a sequence more neighbours add nothing, and the bound keeps window sizes far
+/// from overflow.
+pub const MAX_NEIGHBOUR_CHUNKS: usize = 1024;
+
+/// Largest number of hash rounds, in configs and in overrides: far beyond any useful value
+/// (the paper uses 1 to 8) and far from overflowing sizes.
+pub const MAX_HASHES: usize = 1024;
+
 fn default_attn_layers() -> Vec<AttentionKind> {
     [AttentionKind::Local, AttentionKind::Lsh].repeat(3)
 }
@@ -361,6 +370,27 @@ impl ReformerConfig {
         }
         if self.vocab_size < 2 {
             return invalid("vocab_size", self.vocab_size.to_string(), "set it to at least 2".into());
+        }
+        if self.num_hashes > MAX_HASHES {
+            return invalid(
+                "num_hashes",
+                self.num_hashes.to_string(),
+                format!("use at most {MAX_HASHES} hash rounds (the paper uses 1 to 8)"),
+            );
+        }
+        for (field, value) in [
+            ("lsh_num_chunks_before", self.lsh_num_chunks_before),
+            ("lsh_num_chunks_after", self.lsh_num_chunks_after),
+            ("local_num_chunks_before", self.local_num_chunks_before),
+            ("local_num_chunks_after", self.local_num_chunks_after),
+        ] {
+            if value > MAX_NEIGHBOUR_CHUNKS {
+                return invalid(
+                    field,
+                    value.to_string(),
+                    format!("use at most {MAX_NEIGHBOUR_CHUNKS} neighbouring chunks (Hugging Face's default is 1 before, 0 after)"),
+                );
+            }
         }
         if self.pad_token_id >= self.vocab_size {
             return invalid(

@@ -101,6 +101,9 @@ pub enum InputError {
         /// Sequence length of the ids.
         seq_len: usize,
     },
+    /// A hash-round override outside 1..=[`crate::config::MAX_HASHES`].
+    #[error("num_hashes override {0} is out of range; use 1 to {max} hash rounds", max = crate::config::MAX_HASHES)]
+    NumHashes(usize),
     /// Injected rotations do not fit the layer.
     #[error("rotations for layer {layer}: {reason}")]
     Rotations {

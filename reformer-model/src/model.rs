@@ -283,6 +283,11 @@ impl ReformerLm {
         ctx: &ForwardContext,
     ) -> Result<Tensor<3>, InputError> {
         let [_, seq_len, _] = x.dims();
+        if let Some(n) = ctx.num_hashes
+            && !(1..=crate::config::MAX_HASHES).contains(&n)
+        {
+            return Err(InputError::NumHashes(n));
+        }
         let streams = if ctx.reversible && x.is_autodiff() {
             // The node cannot return an error, so the only one the layers can raise is
             // checked first.

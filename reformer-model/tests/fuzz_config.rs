@@ -82,7 +82,7 @@ fn run(model: &ReformerLm, batch: usize, seq_len: usize, masked: bool, device: &
     match model.forward(ids, mask.as_ref(), &ForwardContext::eval(1)) {
         Ok(logits) => {
             prop_assert_eq!(logits.dims(), [batch, seq_len, vocab as usize]);
-            let values = logits.into_data().into_vec::<f32>().unwrap();
+            let values = logits.try_into_vec_as::<f32>().unwrap();
             prop_assert!(values.iter().all(|v| v.is_finite()), "non-finite logits at seq_len {}", seq_len);
         }
         Err(error) => prop_assert!(seq_len > model.config().max_seq_len(), "unexpected error at seq_len {}: {}", seq_len, error),

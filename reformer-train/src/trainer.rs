@@ -464,8 +464,13 @@ fn check_settings(config: &ReformerConfig, settings: &TrainSettings) -> Result<(
 
 /// Checks `--attention` and `--num-hashes` against each other and the model.
 fn check_attention(config: &ReformerConfig, settings: &TrainSettings) -> Result<(), TrainError> {
-    if settings.num_hashes == Some(0) {
-        return Err(TrainError::Invalid("invalid --num-hashes 0: use at least one hash round".into()));
+    if let Some(n) = settings.num_hashes
+        && !(1..=reformer_model::config::MAX_HASHES).contains(&n)
+    {
+        return Err(TrainError::Invalid(format!(
+            "invalid --num-hashes {n}: use 1 to {} hash rounds",
+            reformer_model::config::MAX_HASHES
+        )));
     }
     let changes_lsh = settings.attention != TrainAttention::Lsh || settings.num_hashes.is_some();
     if changes_lsh && !config.attn_layers.contains(&AttentionKind::Lsh) {

@@ -25,6 +25,8 @@ const FLAGS: &[&str] = &[
     "--eval-every",
     "--checkpoint-every",
     "--no-reversible",
+    "--attention",
+    "--num-hashes",
     "--resume",
     "--force",
     "--unknown-flag",
@@ -51,7 +53,7 @@ fn fixtures() -> Fixtures {
     let mut values: Vec<String> = [
         "0", "1", "2", "-1", "3", "7", "16", "64", "65", "1024", "1e-3", "0.5", "nan", "inf", "-inf", "-0", "1e309",
         "18446744073709551616", "99999999999", "abc", "", " ", "é", "cpu", "flex", "ndarray", "wgpu", "tpu",
-        "duplication", "text", "/nonexistent/path",
+        "duplication", "text", "duplication-small", "lsh", "full", "/nonexistent/path",
     ]
     .map(String::from)
     .to_vec();

@@ -57,11 +57,18 @@ pub fn look_adjacent(x: Tensor<4>, before: usize, after: usize) -> Tensor<4> {
     let parts = (0..before + 1 + after)
         .map(|slot| {
             // out[m] = x[(m + offset) mod n_chunks], offset = slot - before.
-            let shift = (before as i64 - slot as i64).rem_euclid(n_chunks as i64);
-            if shift == 0 { x.clone() } else { x.clone().roll_dim(shift, 1) }
+            let shift = -neighbour_offset(slot as i64 - before as i64, n_chunks);
+            if shift == 0 { x.clone() } else { x.clone().roll_dim(shift.rem_euclid(n_chunks as i64), 1) }
         })
         .collect();
     Tensor::cat(parts, 2)
+}
+
+/// Returns the chunk offset Hugging Face's `_look_adjacent` applies for neighbour `offset`: the
+/// offset itself, except that an offset of at least `n_chunks` either way selects the chunk
+/// itself (its slicing `cat([x[i:], x[:i]])` then takes the whole sequence unshifted).
+fn neighbour_offset(offset: i64, n_chunks: usize) -> i64 {
+    if offset.unsigned_abs() >= n_chunks as u64 { 0 } else { offset }
 }
 
 /// Returns the original positions in each chunk's window, by [`look_adjacent`]'s rule.
@@ -82,7 +89,7 @@ pub(crate) fn window_positions(
     for row in positions.chunks(slots) {
         for m in 0..n_chunks {
             for offset in -(before as i64)..=(after as i64) {
-                let chunk = (m as i64 + offset).rem_euclid(n_chunks as i64) as usize;
+                let chunk = (m as i64 + neighbour_offset(offset, n_chunks)).rem_euclid(n_chunks as i64) as usize;
                 out.extend_from_slice(&row[chunk * chunk_len..(chunk + 1) * chunk_len]);
             }
         }
@@ -121,6 +128,20 @@ mod tests {
         let positions: Vec<u32> = vec![5, 6, 7, 8, 9, 10];
         let out = window_positions(&positions, 1, 2, 1, 0);
         assert_eq!(out, vec![9, 10, 5, 6, 5, 6, 7, 8, 7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn neighbours_beyond_the_sequence_are_the_chunk_itself() {
+        // Three chunks of one position each, two chunks back: offset -2 wraps, as in HF.
+        assert_eq!(window_positions(&[0, 1, 2], 1, 1, 2, 0), vec![1, 2, 0, 2, 0, 1, 0, 1, 2]);
+        // Four chunks back on three chunks: HF's slicing leaves that neighbour unshifted.
+        let out = window_positions(&[0, 1, 2], 1, 1, 4, 0);
+        assert_eq!(out[..5], [0, 0, 1, 2, 0]);
+        let device = test_device();
+        let x = Tensor::<4>::from_data(TensorData::new(vec![0.0f32, 1.0, 2.0], [1, 3, 1, 1]), &device);
+        let window = values(look_adjacent(x, 4, 0));
+        let expected: Vec<f32> = window_positions(&[0, 1, 2], 1, 1, 4, 0).iter().map(|&p| p as f32).collect();
+        assert_eq!(window, expected);
     }
 
     #[test]
