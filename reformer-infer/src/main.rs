@@ -182,6 +182,7 @@ struct ExportArgs {
 }
 
 fn main() -> ExitCode {
+    reformer_model::memory::keep_freed_memory();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match cli.command {

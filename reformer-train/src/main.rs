@@ -95,6 +95,7 @@ const INTERRUPTED_EXIT: u8 = 130;
 static STOP: AtomicBool = AtomicBool::new(false);
 
 fn main() -> ExitCode {
+    reformer_model::memory::keep_freed_memory();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let handler = ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {

@@ -2,8 +2,12 @@
 //!
 //! - `memory`: peak resident memory of one training step, each configuration in a fresh
 //!   process, with the reversible node and with plain autodiff.
+//! - `speed`: training and inference throughput and peak memory against sequence length at
+//!   fixed tokens per step, with LSH and with full attention.
 
+mod common;
 mod memory;
+mod speed;
 
 use std::process::ExitCode;
 
@@ -23,13 +27,21 @@ enum Command {
     /// Runs one training step and prints its measurement as one JSON line (used by `memory`).
     #[command(hide = true)]
     MemoryStep(memory::StepArgs),
+    /// Throughput and peak memory against length at fixed tokens per step (Figure 5 of the paper).
+    Speed(speed::SpeedArgs),
+    /// Runs one speed measurement and prints it as one JSON line (used by `speed`).
+    #[command(hide = true)]
+    SpeedStep(speed::StepArgs),
 }
 
 fn main() -> ExitCode {
+    reformer_model::memory::keep_freed_memory();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let result = match Cli::parse().command {
         Command::Memory(args) => memory::run(&args),
         Command::MemoryStep(args) => memory::run_step(&args),
+        Command::Speed(args) => speed::run(&args),
+        Command::SpeedStep(args) => speed::run_step(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

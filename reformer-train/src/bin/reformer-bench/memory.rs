@@ -19,6 +19,8 @@ use reformer_model::config::AttentionKind;
 use reformer_model::device::select_device;
 use reformer_model::loss::{causal_lm_outputs, weighted_cross_entropy};
 use reformer_model::{ForwardContext, ReformerConfig, ReformerLm};
+
+use crate::common::{GpuMemorySampler, axial_rows, peak_rss_mib};
 use serde::{Deserialize, Serialize};
 
 /// Model shape shared by the parent and its children. The defaults are the depth benchmark of
@@ -84,6 +86,9 @@ pub struct StepArgs {
 #[derive(Debug, Serialize, Deserialize)]
 struct StepReport {
     peak_rss_mib: f64,
+    /// Peak GPU memory above the start (wgpu with nvidia-smi only).
+    #[serde(default)]
+    peak_gpu_mib: Option<f64>,
     seconds: f64,
     loss: f32,
     parameters: usize,
@@ -105,19 +110,29 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
         "one training step, batch {} x seq_len {}, d_model {}, {} heads of 64, {} hashes, chunk {}, d_ff {}, device {}",
         m.batch_size, m.seq_len, m.hidden_size, m.heads, m.num_hashes, m.chunk_len, m.d_ff, m.device
     );
-    println!("| layers | backward | parameters | peak RSS (MiB) | ratio to first depth | step time (s) | loss |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| layers | backward | parameters | peak RSS (MiB) | peak GPU (MiB) | ratio to first depth | step time (s) | loss |");
+    println!("|---|---|---|---|---|---|---|---|");
     for &plain in modes {
         let mut first_peak = None;
         for &depth in &args.depths {
-            let report = spawn_step(&exe, m, depth, plain)?;
-            let first = *first_peak.get_or_insert(report.peak_rss_mib);
+            let report = match spawn_step(&exe, m, depth, plain) {
+                Ok(report) => report,
+                Err(error) => {
+                    // A depth that does not fit is a result too; the deeper ones are skipped.
+                    println!("| {depth} | {} | - | - | - | - | - | {error:#} |", if plain { "plain autodiff" } else { "reversible node" });
+                    break;
+                }
+            };
+            // On a GPU the activations live in its memory, so the ratio follows that peak.
+            let peak = report.peak_gpu_mib.unwrap_or(report.peak_rss_mib);
+            let first = *first_peak.get_or_insert(peak);
             println!(
-                "| {depth} | {} | {} | {:.0} | {:.3} | {:.1} | {:.4} |",
+                "| {depth} | {} | {} | {:.0} | {} | {:.3} | {:.1} | {:.4} |",
                 if plain { "plain autodiff" } else { "reversible node" },
                 report.parameters,
                 report.peak_rss_mib,
-                report.peak_rss_mib / first,
+                report.peak_gpu_mib.map_or("-".to_string(), |mib| format!("{mib:.0}")),
+                peak / first,
                 report.seconds,
                 report.loss
             );
@@ -184,6 +199,7 @@ pub fn run_step(args: &StepArgs) -> anyhow::Result<()> {
     let weights = Tensor::<2>::ones([m.batch_size, m.seq_len], &device);
     let ctx = ForwardContext::train(0, 0).with_reversible(!args.plain);
 
+    let sampler = GpuMemorySampler::start(&m.device);
     let started = Instant::now();
     let (logits, targets, weights) = causal_lm_outputs(&model, ids, weights, &ctx)?;
     let loss = weighted_cross_entropy(logits, targets, weights);
@@ -194,7 +210,8 @@ pub fn run_step(args: &StepArgs) -> anyhow::Result<()> {
     let _ = model.lm_head.weight.val().sum().into_scalar::<f32>();
     let seconds = started.elapsed().as_secs_f64();
 
-    let report = StepReport { peak_rss_mib: peak_rss_mib()?, seconds, loss: loss_value, parameters };
+    let peak_gpu_mib = sampler.and_then(GpuMemorySampler::finish);
+    let report = StepReport { peak_rss_mib: peak_rss_mib()?, peak_gpu_mib, seconds, loss: loss_value, parameters };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
@@ -235,38 +252,4 @@ fn build_config(m: &ModelArgs, depth: usize) -> anyhow::Result<ReformerConfig> {
     };
     config.validate()?;
     Ok(config)
-}
-
-/// Returns the largest divisor of `seq_len` not above its square root: the first axial factor.
-fn axial_rows(seq_len: usize) -> usize {
-    (1..=seq_len.isqrt()).rev().find(|d| seq_len % d == 0).unwrap_or(1)
-}
-
-/// Returns this process's peak resident set size in MiB.
-fn peak_rss_mib() -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .context("peak memory is read from /proc/self/status, which this system lacks (Linux only)")?;
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmHWM:"))
-        .context("/proc/self/status has no VmHWM line")?;
-    let kib: f64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|value| value.parse().ok())
-        .with_context(|| format!("unreadable VmHWM line {line:?}"))?;
-    Ok(kib / 1024.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn axial_rows_factor_the_length() {
-        assert_eq!(axial_rows(16384), 128);
-        assert_eq!(axial_rows(65536), 256);
-        assert_eq!(axial_rows(192), 12);
-        assert_eq!(axial_rows(7), 1);
-    }
 }
