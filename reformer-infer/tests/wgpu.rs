@@ -49,7 +49,10 @@ fn wgpu_training_and_generation_match_cpu() {
     }
 
     let generate = |device: &str| {
-        let output = Command::new(env!("CARGO_BIN_EXE_reformer-infer"))
+        // scripts/gpu-check.sh runs this test on another machine, where the path cargo
+        // compiled in does not exist, and points REFORMER_INFER_BIN at the bundled binary.
+        let binary = std::env::var("REFORMER_INFER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_reformer-infer").to_string());
+        let output = Command::new(binary)
             .args(["generate", "--run", dir.path().join("cpu").to_str().unwrap()])
             .args(["--prompt", "0 3 4 5 6 7", "--max-new-tokens", "8", "--device", device])
             .output()
