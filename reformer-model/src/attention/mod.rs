@@ -24,7 +24,7 @@ pub const SELF_MASK_VALUE: f32 = -1e5;
 /// where a plain f32 exponential underflows to zero.
 pub fn logsumexp<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let max = x.clone().max_dim(D - 1).detach();
-    let shifted = (x - max.clone()).exp().sum_dim(D - 1).log();
+    let shifted = shifted_exp(x - max.clone()).sum_dim(D - 1).log();
     max + shifted
 }
 
@@ -104,8 +104,22 @@ pub(crate) fn bool_tensor<const D: usize>(flags: Vec<bool>, shape: [usize; D], d
 
 /// Softmax by `exp(s - logsumexp(s))`, returning the probabilities and the logsumexp.
 pub(crate) fn softmax_with_lse<const D: usize>(scores: Tensor<D>) -> (Tensor<D>, Tensor<D>) {
+    // `exp(s - lse)` rather than exponentials over their sum: Hugging Face rounds `lse` to f32
+    // first, which matters where it is about -1e5 (rows that see only the query itself).
     let lse = logsumexp(scores.clone());
-    ((scores - lse.clone()).exp(), lse)
+    (shifted_exp(scores - lse.clone()), lse)
+}
+
+/// Lowest exponent passed to `exp` in softmaxes. Masked scores (-1e9 below the row maximum)
+/// would otherwise take libm's slow underflow path, which cost 6% of an inference step. A
+/// masked key so gets the weight `exp(-80)`, about 2e-35, instead of 0: far below f32's
+/// resolution of any weight sum near 1.
+const EXP_FLOOR: f64 = -80.0;
+
+/// Returns `exp(x)` of scores already shifted by their row maximum, with exponents below
+/// [`EXP_FLOOR`] raised to it.
+fn shifted_exp<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.clamp_min(EXP_FLOOR).exp()
 }
 
 #[cfg(test)]
