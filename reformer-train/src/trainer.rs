@@ -49,6 +49,21 @@ pub enum TrainError {
     /// The model rejected the input.
     #[error(transparent)]
     Input(#[from] reformer_model::InputError),
+    /// The update of a step left NaN or infinite weights.
+    #[error(
+        "weight {weight} is NaN or infinite after step {step}; checkpoints written before it are kept in \
+         {run_dir}/checkpoints. Start over with a lower learning rate (--lr, now {lr}) and --force, or choose another --out"
+    )]
+    DivergedWeights {
+        /// Step whose update diverged.
+        step: u64,
+        /// Module path of the first non-finite weight.
+        weight: String,
+        /// Learning rate of the run.
+        lr: f64,
+        /// Run directory.
+        run_dir: PathBuf,
+    },
     /// Ctrl-C (or SIGTERM) stopped the run; `checkpoint` holds its last step.
     #[error(
         "stopped by a signal after step {step}; checkpoint {checkpoint} holds it; continue with the same \
@@ -397,6 +412,11 @@ pub fn train_until(
             last_validation = Some(metrics);
         }
         if last || step % settings.checkpoint_every == 0 {
+            // An update can overflow the weights while the loss that led to it was finite; such
+            // weights must not replace the last good checkpoint.
+            if let Some(weight) = model.first_non_finite_weight() {
+                return Err(TrainError::DivergedWeights { step, weight, lr: settings.lr, run_dir: run_dir.to_path_buf() });
+            }
             let path = save_checkpoint(run_dir, &model, &optimizer, &TrainState { step, seed: settings.seed })?;
             saved = Some((step, path.clone()));
             observe(TrainEvent::Checkpoint { step, path });
