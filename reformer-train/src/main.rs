@@ -205,7 +205,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut observe = |event: TrainEvent| match event {
         TrainEvent::Started { start_step, total_steps, parameters } => {
             bar.set_position(start_step);
-            bar.println(format!(
+            progress_line(&bar, format!(
                 "training {} ({parameters} parameters, {} attention) on {} for steps {}..{total_steps}; run directory {}",
                 preset_name,
                 settings.attention_label(&config),
@@ -224,7 +224,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 (_, Some(bpb)) => format!("  val {bpb:.3} bits/byte"),
                 _ => format!("  val loss {:.4}", metrics.loss),
             };
-            bar.println(format!("step {step}: validation loss {:.4}{last_metric}", metrics.loss));
+            progress_line(&bar, format!("step {step}: validation loss {:.4}{last_metric}", metrics.loss));
         }
         TrainEvent::Checkpoint { .. } => {}
     };
@@ -244,6 +244,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// Prints a line above the progress bar, or to stderr when the bar is hidden (stderr is not a
+/// terminal, as under nohup or with `2> log`), where the bar's own printing drops it.
+fn progress_line(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 fn default_run_dir(preset_name: &str) -> PathBuf {

@@ -347,7 +347,11 @@ pub fn train_until(
     let mut saved: Option<(u64, PathBuf)> = None;
     if let Some(checkpoint) = resume_from {
         let state: TrainState = run_dir::read_json(&checkpoint.join(STATE_FILE))?;
-        model = checkpoint::load_weights(model, &checkpoint.join(MODEL_FILE))?;
+        model = checkpoint::load_weights(model, &checkpoint.join(MODEL_FILE)).map_err(|error| {
+            TrainError::Invalid(format!(
+                "{error}; the checkpoint cannot be resumed: start over with --force or choose another --out"
+            ))
+        })?;
         optimizer = optimizer
             .load(checkpoint.join(OPTIMIZER_FILE))
             .map_err(|e| RunDirError::Corrupt { path: checkpoint.join(OPTIMIZER_FILE), message: e.to_string() })?;
@@ -513,7 +517,16 @@ fn check_memory(config: &ReformerConfig, settings: &TrainSettings) -> Result<(),
     let what = || {
         format!("one training step with --batch-size {} and --seq-len {}", settings.batch_size, settings.seq_len)
     };
-    let fix = || "lower --batch-size or --seq-len; --grad-accum N keeps the tokens per step with N smaller micro-batches".to_string();
+    // Weights, gradients and Adam's two moments: when they alone do not fit, the config is at fault.
+    let model_bytes = 16.0 * memory::parameter_count(config);
+    let model_too_large = memory::available_bytes().is_some_and(|available| model_bytes > available);
+    let fix = || {
+        if model_too_large {
+            "the model alone does not fit: lower hidden_size, feed_forward_size, vocab_size or the number of layers in the config".to_string()
+        } else {
+            "lower --batch-size or --seq-len; --grad-accum N keeps the tokens per step with N smaller micro-batches".to_string()
+        }
+    };
     // On a GPU the activations live in the adapter's memory; the host holds the batch.
     let needed = if settings.device == "wgpu" {
         settings.batch_size as f64 * settings.seq_len as f64 * 12.0
