@@ -24,13 +24,13 @@ const F32: f64 = 4.0;
     available = available_bytes / GIB
 )]
 pub struct MemoryError {
-    /// What was requested, with its values.
+    /// Request that does not fit, with its values.
     pub what: String,
     /// Estimated bytes.
     pub needed_bytes: f64,
     /// Bytes available on the machine.
     pub available_bytes: f64,
-    /// What to change.
+    /// Fix to apply.
     pub fix: String,
 }
 
@@ -57,9 +57,20 @@ pub fn keep_freed_memory() {
 /// Returns the memory available to a new allocation in bytes (`MemAvailable` of
 /// `/proc/meminfo`), or `None` where it cannot be read (then no check is made).
 pub fn available_bytes() -> Option<f64> {
+    meminfo_bytes("MemAvailable")
+}
+
+/// Returns the machine's total memory in bytes (`MemTotal` of `/proc/meminfo`), or `None`
+/// where it cannot be read.
+pub fn total_bytes() -> Option<f64> {
+    meminfo_bytes("MemTotal")
+}
+
+/// Reads one `/proc/meminfo` entry, given there in KiB, as bytes.
+fn meminfo_bytes(key: &str) -> Option<f64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|line| line.starts_with("MemAvailable:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    let rest = text.lines().find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))?;
+    let kib: f64 = rest.split_whitespace().next()?.parse().ok()?;
     Some(kib * 1024.0)
 }
 

@@ -43,7 +43,7 @@ pub enum Mode {
     Infer,
 }
 
-/// How the LSH layers attend.
+/// Attention of the LSH layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Attention {
@@ -108,7 +108,7 @@ pub struct StepArgs {
     /// Tokens per sequence.
     #[arg(long)]
     seq_len: usize,
-    /// What to time.
+    /// Kind of step to time.
     #[arg(long, value_enum)]
     mode: Mode,
     /// Attention of the LSH layers.
@@ -125,7 +125,7 @@ pub struct StepArgs {
     device: String,
 }
 
-/// What a child reports.
+/// Measurement that a child process reports.
 #[derive(Debug, Serialize, Deserialize)]
 struct StepReport {
     seconds: Vec<f64>,
@@ -177,18 +177,6 @@ fn estimate(config: &ReformerConfig, batch_size: usize, seq_len: usize, mode: Mo
     bytes
 }
 
-/// Returns the machine's total memory in bytes.
-fn total_memory() -> anyhow::Result<f64> {
-    let text = std::fs::read_to_string("/proc/meminfo").context("the memory limit default reads /proc/meminfo (Linux); pass --max-memory-gib")?;
-    let kib: f64 = text
-        .lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|value| value.parse().ok())
-        .context("/proc/meminfo has no readable MemTotal; pass --max-memory-gib")?;
-    Ok(kib * 1024.0)
-}
-
 /// Runs the benchmark and prints the table.
 pub fn run(args: &SpeedArgs) -> anyhow::Result<()> {
     let text = match &args.config {
@@ -207,7 +195,7 @@ pub fn run(args: &SpeedArgs) -> anyhow::Result<()> {
     let limit = match args.max_memory_gib {
         Some(gib) if gib > 0.0 && gib.is_finite() => gib * GIB,
         Some(gib) => bail!("invalid --max-memory-gib {gib}: use a positive number of GiB"),
-        None => 0.8 * total_memory()?,
+        None => 0.8 * memory::total_bytes().context("the machine's total memory is unreadable (no /proc/meminfo); pass --max-memory-gib")?,
     };
     select_device(&args.device)?;
     let mut plan = Vec::new();
