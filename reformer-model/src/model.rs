@@ -182,7 +182,7 @@ impl ReformerLm {
         })
     }
 
-    /// Returns the module path of the first weight that holds a NaN or an infinity, if any.
+    /// Returns the module path of the first weight that contains a NaN or an infinity, if any.
     /// Loaders call it so that a damaged file is an error, not a run of NaN scores.
     pub fn first_non_finite_weight(&self) -> Option<String> {
         struct Find {

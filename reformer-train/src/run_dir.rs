@@ -62,7 +62,7 @@ fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> RunDirError + '_ {
     move |source| RunDirError::Write { path: path.to_path_buf(), source }
 }
 
-/// Returns whether `run_dir` already holds a run.
+/// Returns whether `run_dir` already contains a run.
 fn occupied(run_dir: &Path) -> bool {
     run_dir.join(CONFIG_FILE).exists() || run_dir.join(CHECKPOINTS_DIR).exists()
 }

@@ -64,7 +64,7 @@ pub enum TrainError {
         /// Run directory.
         run_dir: PathBuf,
     },
-    /// Ctrl-C (or SIGTERM) stopped the run; `checkpoint` holds its last step.
+    /// Ctrl-C (or SIGTERM) stopped the run, and `checkpoint` contains its last step.
     #[error(
         "stopped by a signal after step {step}; checkpoint {checkpoint} holds it; continue with the same \
          command plus --resume"
@@ -527,7 +527,7 @@ fn check_memory(config: &ReformerConfig, settings: &TrainSettings) -> Result<(),
             "lower --batch-size or --seq-len; --grad-accum N keeps the tokens per step with N smaller micro-batches".to_string()
         }
     };
-    // On a GPU the activations live in the adapter's memory; the host holds the batch.
+    // On a GPU the activations live in the adapter's memory, and the host keeps only the batch.
     let needed = if settings.device == "wgpu" {
         settings.batch_size as f64 * settings.seq_len as f64 * 12.0
     } else {
