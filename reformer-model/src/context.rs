@@ -192,7 +192,6 @@ pub(crate) struct BucketMemo {
 
 impl BucketMemo {
     /// Returns the ids stored for `layer`.
-    #[cfg(test)]
     pub(crate) fn get(&self, layer: usize) -> Option<Arc<Vec<u32>>> {
         self.by_layer.lock().unwrap_or_else(PoisonError::into_inner).get(&layer).cloned()
     }

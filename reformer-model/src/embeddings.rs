@@ -2,6 +2,7 @@
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
+use burn::tensor::TensorData;
 use rand::rngs::StdRng;
 
 use crate::config::ReformerConfig;
@@ -109,6 +110,39 @@ impl Embeddings {
         .unsqueeze_dim::<3>(0); // [1, seq_len, d_model]
         let positions = self.position_dropout(positions, batch_size, ctx);
         words + positions
+    }
+
+    /// Embeds one token per row at the given positions, without dropout: the input of one
+    /// decoding step.
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch_size, 1]`
+    /// - `positions`: `batch_size` positions, each below the model's maximum length
+    /// - output: `[batch_size, 1, d_model]`
+    pub fn forward_at(&self, ids: Tensor<2, Int>, positions: &[usize]) -> Tensor<3> {
+        let [batch_size, _] = ids.dims();
+        let d_model = self.word.dims()[1];
+        let device = ids.device();
+        let index = |values: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(values, [batch_size]), &device);
+        let words = self.word.val().select(0, ids.reshape([batch_size])); // [batch_size, d_model]
+        let positions = match (&self.position.axial, &self.position.table) {
+            (Some(axial), _) => {
+                let [a0, _, d0] = axial.rows.dims();
+                let [_, a1, d1] = axial.cols.dims();
+                let rows = index(positions.iter().map(|&p| (p / a1) as i64).collect());
+                let cols = index(positions.iter().map(|&p| (p % a1) as i64).collect());
+                Tensor::cat(
+                    vec![
+                        axial.rows.val().reshape([a0, d0]).select(0, rows),
+                        axial.cols.val().reshape([a1, d1]).select(0, cols),
+                    ],
+                    1,
+                )
+            }
+            (None, Some(table)) => table.val().select(0, index(positions.iter().map(|&p| p as i64).collect())),
+            (None, None) => unreachable!("position embeddings have either an axial or a learned table"),
+        };
+        (words + positions).reshape([batch_size, 1, d_model])
     }
 
     /// Applies position dropout. For axial embeddings it follows Hugging Face's `dropout2d`

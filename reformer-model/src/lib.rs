@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod context;
 pub mod data;
+pub mod decode;
 pub mod device;
 pub mod embeddings;
 pub mod error;

@@ -63,7 +63,21 @@ impl AttentionBlock {
         if self.lsh.is_some() && ctx.lsh_mode == LshMode::Ablated {
             return Ok(z.zeros_like());
         }
-        let normed = self.layer_norm.forward(z);
+        self.forward_normed(self.layer_norm.forward(z), mask, layer, ctx)
+    }
+
+    /// Runs the block on input already normalised by its LayerNorm (ablation is the caller's).
+    ///
+    /// # Shapes
+    /// - `normed`: `[batch_size, seq_len, d_model]`
+    /// - output: `[batch_size, seq_len, d_model]`
+    pub fn forward_normed(
+        &self,
+        normed: Tensor<3>,
+        mask: Option<&KeyMask>,
+        layer: usize,
+        ctx: &ForwardContext,
+    ) -> Result<Tensor<3>, InputError> {
         let heads = match (&self.lsh, &self.local) {
             (Some(lsh), _) => lsh.forward(normed, mask, layer, ctx)?,
             (None, Some(local)) => local.forward(normed, mask, layer, ctx),
@@ -247,11 +261,32 @@ impl ReformerLm {
         ctx: &ForwardContext,
     ) -> Result<Tensor<3>, InputError> {
         let [batch_size, seq_len] = ids.dims();
+        let (ids, mask) = self.prepare_input(ids, mask)?;
+        let [_, padded_len] = ids.dims();
+
+        let x = self.embeddings.forward(ids, ctx);
+        let hidden = self.forward_embedded(x, mask.as_ref(), ctx)?; // [batch_size, padded_len, 2 * d_model]
+        Ok(if padded_len > seq_len { hidden.slice([0..batch_size, 0..seq_len]) } else { hidden })
+    }
+
+    /// Checks token ids and their mask, and pads them on the right to the length the layers
+    /// accept ([`ReformerConfig::padded_len`]), with the padding masked out.
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch_size, seq_len]`
+    /// - `mask`: `[batch_size, seq_len]`
+    /// - output: `[batch_size, padded_len]` and its mask
+    pub(crate) fn prepare_input(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Option<&KeyMask>,
+    ) -> Result<(Tensor<2, Int>, Option<KeyMask>), InputError> {
+        let [batch_size, seq_len] = ids.dims();
         self.check_input(&ids, mask)?;
 
         let padded_len = self.config.padded_len(seq_len);
         let extra = padded_len - seq_len;
-        let (ids, mask) = if extra > 0 {
+        Ok(if extra > 0 {
             let pad = Tensor::<2, Int>::full([batch_size, extra], self.config.pad_token_id as i64, &ids.device());
             let mask = match mask {
                 Some(mask) => mask.pad_right(extra),
@@ -260,11 +295,7 @@ impl ReformerLm {
             (Tensor::cat(vec![ids, pad], 1), Some(mask))
         } else {
             (ids, mask.cloned())
-        };
-
-        let x = self.embeddings.forward(ids, ctx);
-        let hidden = self.forward_embedded(x, mask.as_ref(), ctx)?; // [batch_size, padded_len, 2 * d_model]
-        Ok(if extra > 0 { hidden.slice([0..batch_size, 0..seq_len]) } else { hidden })
+        })
     }
 
     /// Runs the layers and the final LayerNorm on embedded input whose length the attention

@@ -131,7 +131,7 @@ impl LshSelfAttention {
     /// Returns the rotations of this layer for a call at padded length `seq_len`: the ones
     /// given in `ctx`, checked against `[n_heads, d_head, n_hashes, rot_size / 2]`, or random
     /// ones from the layer's stream (or from `hash_seed`).
-    fn rotations(
+    pub(crate) fn rotations(
         &self,
         seq_len: usize,
         n_hashes: usize,
@@ -421,7 +421,7 @@ impl LshSelfAttention {
 
 /// Returns the bucket of one projected vector: per factor `f`, the argmax over
 /// `[r_block; -r_block]` (ties to the first index), combined as `a1 + f1 * a2 + ...`.
-fn factorised_argmax(r: &[f32], factors: &[usize]) -> u32 {
+pub(crate) fn factorised_argmax(r: &[f32], factors: &[usize]) -> u32 {
     let mut bucket = 0usize;
     let mut scale = 1usize;
     let mut offset = 0usize;

@@ -71,6 +71,12 @@ fn neighbour_offset(offset: i64, n_chunks: usize) -> i64 {
     if offset.unsigned_abs() >= n_chunks as u64 { 0 } else { offset }
 }
 
+/// Returns the chunk that chunk `chunk` sees as its neighbour `offset` among `n_chunks`, by
+/// [`look_adjacent`]'s rule.
+pub(crate) fn neighbour_chunk(chunk: usize, offset: i64, n_chunks: usize) -> usize {
+    (chunk as i64 + neighbour_offset(offset, n_chunks)).rem_euclid(n_chunks as i64) as usize
+}
+
 /// Returns the original positions in each chunk's window, by [`look_adjacent`]'s rule.
 ///
 /// `positions[row][slot]` is the original position in sorted slot `slot`; the output is
@@ -89,7 +95,7 @@ pub(crate) fn window_positions(
     for row in positions.chunks(slots) {
         for m in 0..n_chunks {
             for offset in -(before as i64)..=(after as i64) {
-                let chunk = (m as i64 + neighbour_offset(offset, n_chunks)).rem_euclid(n_chunks as i64) as usize;
+                let chunk = neighbour_chunk(m, offset, n_chunks);
                 out.extend_from_slice(&row[chunk * chunk_len..(chunk + 1) * chunk_len]);
             }
         }
