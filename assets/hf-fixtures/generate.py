@@ -951,6 +951,152 @@ CASE_BUILDERS = [
 
 
 # ---------------------------------------------------------------------------------------
+# Cached generation (`past_buckets_states`)
+
+
+@dataclasses.dataclass
+class CachedCase:
+    """A greedy generation with HF's cache: a prompt, then one token per step."""
+
+    name: str
+    description: str
+    config: dict
+    seed: int
+    prompt_length: int
+    steps: int
+
+
+CACHED_CONFIG = {
+    "attn_layers": ["local", "lsh", "local", "lsh"],
+    "is_decoder": True,
+    "vocab_size": 40,
+    "lsh_attn_chunk_length": 8,
+    "local_attn_chunk_length": 8,
+    "lsh_num_chunks_before": 1,
+    "lsh_num_chunks_after": 0,
+    "local_num_chunks_before": 1,
+    "local_num_chunks_after": 0,
+    "num_hashes": 2,
+    "axial_pos_embds": True,
+    "axial_pos_shape": [8, 16],
+    "axial_pos_embds_dim": [16, 16],
+    "max_position_embeddings": 128,
+}
+
+CACHED_CASES = [
+    CachedCase(
+        name="cached_generation",
+        description=(
+            "Greedy generation with past_buckets_states after a 29-token prompt, which HF pads "
+            "to 32 (so the cached buckets carry the pad bucket's round offsets), over 20 steps "
+            "that cross three chunk boundaries. LSH layers hash each new token against the "
+            "cached buckets."
+        ),
+        config={**CACHED_CONFIG, "num_buckets": 4},
+        seed=71,
+        prompt_length=29,
+        steps=20,
+    ),
+    CachedCase(
+        name="cached_generation_short_prompt",
+        description=(
+            "Greedy generation with past_buckets_states after a 5-token prompt, shorter than a "
+            "chunk: LSH layers attend to every cached token until the cache holds a chunk, "
+            "then hash all of it (factorised buckets [2, 4]) and continue with buckets."
+        ),
+        config={**CACHED_CONFIG, "num_buckets": [2, 4]},
+        seed=72,
+        prompt_length=5,
+        steps=16,
+    ),
+]
+
+
+def write_cached_case(case: CachedCase) -> None:
+    """Save the model, run HF's cached greedy loop with fixed rotations, write the logits.
+
+    The rotations of each LSH layer are drawn once and replayed at every hash call, the
+    prompt's and each step's, as `hash_seed` would make them. `generate()` must pick the
+    same tokens as the loop.
+    """
+    folder = FIXTURE_ROOT / case.name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    torch.manual_seed(case.seed)
+    config = ReformerConfig(**{**BASE_CONFIG, **case.config})
+    model = ReformerModelWithLMHead(config)
+    randomize_weights(model, case.seed + 1)
+    model.save_pretrained(folder)
+    model = ReformerModelWithLMHead.from_pretrained(folder, local_files_only=True)
+    model.eval()
+
+    generator = torch.Generator().manual_seed(case.seed + 2)
+    buckets = config.num_buckets
+    rotation_size = buckets if isinstance(buckets, int) else sum(buckets)
+    shape = (config.num_attention_heads, config.attention_head_size, config.num_hashes, rotation_size // 2)
+    rotations = {
+        index: torch.randn(shape, generator=generator)
+        for index, kind in enumerate(config.attn_layers)
+        if kind == "lsh"
+    }
+    prompt = random_ids(case.seed + 3, (1, case.prompt_length), config.vocab_size)
+
+    step_logits = []
+    tokens = prompt
+    with torch.no_grad(), RotationReplay(rotations):
+        output = model(prompt, use_cache=True)
+        step_logits.append(output.logits[:, -1])
+        cache = output.past_buckets_states
+        for _ in range(case.steps):
+            next_token = step_logits[-1].argmax(dim=-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+            output = model(next_token, past_buckets_states=cache, use_cache=True)
+            step_logits.append(output.logits[:, -1])
+            cache = output.past_buckets_states
+        generated = model.generate(
+            prompt, max_new_tokens=case.steps, do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0
+        )
+    if not torch.equal(generated, tokens):
+        raise RuntimeError(f"{case.name}: generate() chose other tokens than the cached loop")
+
+    lsh_layers = sorted(rotations)
+    bucketed = [index for index in lsh_layers if cache.buckets_cache[index].numel() > 0]
+    if bucketed != lsh_layers:
+        raise RuntimeError(f"{case.name}: LSH layers {lsh_layers} but only {bucketed} ended with cached buckets")
+    largest_id = {str(index): int(cache.buckets_cache[index].max()) for index in lsh_layers}
+    total_buckets = math.prod(buckets) if isinstance(buckets, list) else buckets
+    pad_offsets = any(value > config.num_hashes * total_buckets - 1 for value in largest_id.values())
+    padded = case.prompt_length > 8 and case.prompt_length % 8 != 0
+    if padded != pad_offsets:
+        raise RuntimeError(f"{case.name}: pad bucket offsets in the cache: {pad_offsets}, expected the opposite")
+
+    tensors = {
+        "input_ids": tokens.to(torch.int64).contiguous(),
+        "step_logits": torch.cat(step_logits).float().contiguous(),
+    }
+    for index in lsh_layers:
+        tensors[f"layers.{index}.rotations"] = rotations[index].float().contiguous()
+    save_file(tensors, folder / "case.safetensors")
+    meta = {
+        "case": case.name,
+        "model_class": "ReformerModelWithLMHead",
+        "description": case.description,
+        "seed": case.seed,
+        "prompt_length": case.prompt_length,
+        "steps": case.steps,
+        "largest_cached_bucket_id": largest_id,
+        "pad_bucket_offsets_in_cache": pad_offsets,
+        "tolerance": {
+            "step_logits": "max|diff| <= 1e-4 * max(1, max|reference|), over each step",
+        },
+        "files": {"case.safetensors": describe_tensors(tensors)},
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    LOG.info("wrote %s", folder)
+
+
+# ---------------------------------------------------------------------------------------
 # Checks of what each trap case is meant to show
 
 
@@ -1003,11 +1149,21 @@ def main() -> None:
     # Reruns were checked to be byte-identical with one thread. More threads may split
     # float reductions differently.
     torch.set_num_threads(1)
+    # `--only NAME...` rewrites the named cases and leaves the others as they are.
+    only = set(sys.argv[sys.argv.index("--only") + 1 :]) if "--only" in sys.argv else None
+    known = {build_case.__name__ for build_case in CASE_BUILDERS} | {case.name for case in CACHED_CASES}
+    if only is not None and not only <= known:
+        sys.exit(f"error: unknown case(s) {sorted(only - known)}; known cases: {sorted(known)}")
     for build_case in CASE_BUILDERS:
-        case = build_case()
-        write_case(case)
-        check_case(case)
-    write_pytorch_copy("enwik8_small")
+        if only is None or build_case.__name__ in only:
+            case = build_case()
+            write_case(case)
+            check_case(case)
+    if only is None or "enwik8_small" in only:
+        write_pytorch_copy("enwik8_small")
+    for cached_case in CACHED_CASES:
+        if only is None or cached_case.name in only:
+            write_cached_case(cached_case)
     total_bytes = sum(path.stat().st_size for path in FIXTURE_ROOT.rglob("*") if path.is_file())
     LOG.info("total size of %s: %d bytes", FIXTURE_ROOT, total_bytes)
 

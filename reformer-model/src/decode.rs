@@ -17,9 +17,9 @@
 //!   chunk is not hashed: the layer then attends to every cached token until the cache reaches
 //!   `chunk_len` tokens, hashes them all, and switches to buckets.
 //!
-//! Attention over the cache runs on the host, where the cache lives (appending to a host
-//! vector is amortised O(1), a device tensor would be copied whole); projections, feed-forward
-//! layers and the LM head run on the model's device.
+//! Attention over the cache runs on the host, where the cache lives: appending to a host
+//! vector is amortised O(1), while a device tensor would be copied whole. Projections,
+//! feed-forward layers and the LM head run on the model's device.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -87,7 +87,7 @@ struct LshCache {
     /// Bucket ids per head and round, once the layer hashes; `None` while it attends to every
     /// cached token.
     buckets: Option<Vec<SortedBuckets>>,
-    /// How the layer hashes; `None` under [`LshMode::Full`], which never hashes.
+    /// Hash settings; `None` under [`LshMode::Full`], which never hashes.
     hashing: Option<Hashing>,
 }
 
@@ -157,7 +157,7 @@ impl<'a> Decoder<'a> {
     ///
     /// Prompts run one at a time, so a row's numbers do not depend on the others. A prompt
     /// longer than the model's maximum length is an error; callers keep only its last tokens.
-    /// `ctx` is used in evaluation mode whatever its training flag says.
+    /// `ctx` is used in evaluation mode, whatever its training flag.
     ///
     /// # Shapes
     /// - output logits: `[batch_size][vocab_size]`
@@ -269,12 +269,13 @@ impl<'a> Decoder<'a> {
                 layers.push(LayerCache::Ablated);
             } else {
                 let normed = attention.layer_norm.forward(z.clone()); // [1, padded_len, d_model]
+                // The forward pass first: it stores the LSH layer's bucket ids in the memo.
+                u = u + attention.forward_normed(normed.clone(), mask.as_ref(), index, &ctx)?;
                 layers.push(match (&attention.lsh, &attention.local) {
-                    (Some(lsh), _) => LayerCache::Lsh(self.lsh_prefill(lsh, normed.clone(), seq_len, padded_len, index, &memo)?),
-                    (None, Some(local)) => LayerCache::Local(local_prefill(local, normed.clone(), seq_len)),
+                    (Some(lsh), _) => LayerCache::Lsh(self.lsh_prefill(lsh, normed, seq_len, padded_len, index, &memo)?),
+                    (None, Some(local)) => LayerCache::Local(local_prefill(local, normed, seq_len)),
                     (None, None) => unreachable!("an attention block has an LSH or a local attention"),
                 });
-                u = u + attention.forward_normed(normed, mask.as_ref(), index, &ctx)?;
             }
             z = z + layer.feed_forward.forward(u.clone(), index, &ctx);
         }
@@ -301,8 +302,8 @@ impl<'a> Decoder<'a> {
         let values = host_rows(lsh.value.forward(normed), seq_len, width);
         let hashed = memo.get(layer);
         let hashing = if self.ctx.lsh_mode == LshMode::Hashed {
-            // The bucket layout and rotations of the prompt's hashing; a prompt that was not
-            // hashed uses those of the longest input, which the cache can grow to.
+            // The bucket layout and rotations of the prompt's hashing. A prompt that was not
+            // hashed takes those of the longest input, because the cache can grow to it.
             let layout_len = if hashed.is_some() { padded_len } else { self.model.config().max_seq_len() };
             let layout = lsh.buckets_for(layout_len);
             Some(Hashing {
@@ -351,9 +352,9 @@ impl<'a> Decoder<'a> {
 
             match (&mut cache.buckets, &cache.hashing) {
                 (Some(buckets), Some(hashing)) => {
-                    // Hugging Face offsets round r's ids by r * n_buckets, or by r * (n_buckets + 1)
-                    // when the prompt had a pad bucket; it detects the latter from the largest
-                    // cached id (`increase_num_buckets`), and so does this.
+                    // Hugging Face offsets round r's ids by r * n_buckets, or by
+                    // r * (n_buckets + 1) when the prompt had a pad bucket. It tells the two
+                    // apart by the largest cached id (`increase_num_buckets`), and so does this.
                     let largest = buckets.iter().map(|b| b.max_id).max().unwrap_or(0) as usize;
                     let stride = hashing.n_buckets + usize::from(largest > hashing.n_hashes * hashing.n_buckets - 1);
                     for head in 0..n_heads {
@@ -381,8 +382,8 @@ impl<'a> Decoder<'a> {
                         let (head_out, _) = attend(query, &keys, position, &cache.qk, &cache.values, head, d_head, true);
                         out.extend(head_out);
                     }
-                    // Once the cache holds a chunk, every cached token is hashed (HF hashes at
-                    // the step where the keys reach `chunk_len`).
+                    // Once the cache has `chunk_len` tokens, all of them are hashed, at the same
+                    // step as in HF.
                     if let Some(hashing) = hashing
                         && total >= s.chunk_len
                     {
@@ -490,7 +491,7 @@ impl LocalCache {
     }
 }
 
-/// Returns the key positions, with repeats, that the query at `position` sees in a causal
+/// Returns the key positions, with repeats, visible to the query at `position` in a causal
 /// local layer when the sequence ends at `position` and runs at `padded_len`: the chunks of
 /// [`crate::attention::look_adjacent`]'s rule, without positions after the query.
 fn local_key_positions(position: usize, padded_len: usize, chunk_len: usize, before: usize, after: usize) -> Vec<u32> {
@@ -626,7 +627,7 @@ fn rows_of(logits: Tensor<2>, vocab_size: usize) -> Vec<Vec<f32>> {
     values.chunks(vocab_size).map(<[f32]>::to_vec).collect()
 }
 
-/// How [`generate`] continues prompts.
+/// Settings of [`generate`].
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
     /// Tokens to generate per prompt, at most.
@@ -815,9 +816,9 @@ mod tests {
     }
 
     #[test]
-    fn local_cache_follows_wrap_around_and_repeated_chunks() {
-        // Two chunks back and one ahead: early queries see their own chunk more than once, and
-        // the last chunk sees the first one again by wrapping around.
+    fn local_cache_repeated_and_wrapped_chunks() {
+        // Two chunks back and one ahead: early queries get their own chunk more than once, and
+        // the last chunk gets the first one again by wrapping around.
         let local = config(vec![AttentionKind::Local], 4, 2, 1);
         for prompt_len in [1, 6, 13] {
             assert_cached_equals_recomputed(&local, prompt_len, 20, 10 + prompt_len as u64);
@@ -825,7 +826,7 @@ mod tests {
     }
 
     #[test]
-    fn lsh_cache_within_one_chunk_equals_recomputation() {
+    fn lsh_cache_within_one_chunk() {
         // Up to one chunk the LSH layer attends to every token, cached or not.
         let mixed = config(vec![AttentionKind::Local, AttentionKind::Lsh], 8, 1, 0);
         for prompt_len in [1, 3, 7] {
@@ -845,7 +846,7 @@ mod tests {
     }
 
     #[test]
-    fn greedy_output_is_the_same_with_and_without_cache() {
+    fn greedy_output_cache_independent() {
         let local = ReformerLm::new(&config(vec![AttentionKind::Local, AttentionKind::Local], 4, 1, 0), 1, &test_device()).unwrap();
         let prompts = [random_ids(5, 1)];
         assert_eq!(greedy(&local, &prompts, true, 30), greedy(&local, &prompts, false, 30));
@@ -855,7 +856,7 @@ mod tests {
     }
 
     #[test]
-    fn cache_gives_way_to_recomputation_at_the_maximum_length() {
+    fn full_cache_falls_back_to_recomputation() {
         // 60 + 12 tokens pass the maximum of 64; past it both paths slide a 64-token window.
         let local = ReformerLm::new(&config(vec![AttentionKind::Local, AttentionKind::Local], 4, 1, 0), 3, &test_device()).unwrap();
         let prompts = [random_ids(60, 3), random_ids(70, 4)];
@@ -897,7 +898,7 @@ mod tests {
     }
 
     #[test]
-    fn sorted_buckets_walk_the_stable_order_with_wrap_around() {
+    fn sorted_buckets_wrap_around() {
         let mut buckets = SortedBuckets::default();
         // Stable order by id: positions 1, 3 (id 2), 0, 4 (id 5), 2 (id 7).
         for (position, id) in [(0, 5), (1, 2), (2, 7), (3, 2), (4, 5)] {

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::config::AttentionKind;
 use crate::context::{BucketMemo, ForwardContext, KeyMask};
+use crate::decode::Decoder;
 use crate::hf::{HfArchitecture, HfCheckpoint, key_table, load_hf_checkpoint};
 use crate::loss::{causal_lm_outputs, weighted_cross_entropy};
 use crate::testing::{GradSource, ParamGrad, grads_by_path, test_device};
@@ -111,6 +112,35 @@ fn check_eval(case: &str) {
     let worst = output.iter().zip(&expected.floats).fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
     let allowed = 1e-5 * max_abs(&expected.floats).max(1.0);
     assert!(worst <= allowed, "{case}: max |difference| {worst:e} exceeds {allowed:e}");
+}
+
+/// Replays a cached-generation case: the prompt through [`Decoder::new`], then HF's greedy
+/// tokens one [`Decoder::step`] at a time, comparing each step's logits with HF's cached ones
+/// to 1e-4 of max(1, max |logit|).
+fn check_cached_generation(case: &str) {
+    let device = test_device();
+    let dir = fixture_dir(case);
+    let HfCheckpoint { model, report, .. } = load_hf_checkpoint(&dir, &device, false).unwrap();
+    assert!(report.is_complete(), "{case}: {report}");
+    let meta = read_meta(case);
+    let prompt_len = meta["prompt_length"].as_u64().unwrap() as usize;
+    let tensors = read_tensors(&dir.join("case.safetensors"));
+    let ids = &tensors["input_ids"].ints;
+    let expected = &tensors["step_logits"];
+    let vocab_size = model.config().vocab_size;
+    assert_eq!(expected.shape, vec![ids.len() - prompt_len + 1, vocab_size], "{case}: step_logits shape");
+    let ctx = ForwardContext { rotations: Some(Arc::new(rotations(&tensors))), ..ForwardContext::eval(0) };
+
+    let (mut decoder, first) = Decoder::new(&model, &[ids[..prompt_len].to_vec()], &ctx).unwrap();
+    let mut logits = first.into_iter().next().unwrap();
+    for (step, reference) in expected.floats.chunks(vocab_size).enumerate() {
+        let worst = logits.iter().zip(reference).fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
+        let allowed = 1e-4 * max_abs(reference).max(1.0);
+        assert!(worst <= allowed, "{case}, step {step}: max |difference| {worst:e} exceeds {allowed:e}");
+        if let Some(&token) = ids.get(prompt_len + step) {
+            logits = decoder.step(&[0], &[token]).unwrap().remove(0);
+        }
+    }
 }
 
 /// Compares the bucket ids each LSH layer stored with HF's `layers.<i>.buckets`
@@ -256,4 +286,14 @@ fn bucket_ties_logits() {
 #[test]
 fn wrap_rounds_logits() {
     check_eval("wrap_rounds");
+}
+
+#[test]
+fn cached_generation_logits() {
+    check_cached_generation("cached_generation");
+}
+
+#[test]
+fn cached_generation_short_prompt_logits() {
+    check_cached_generation("cached_generation_short_prompt");
 }
