@@ -17,6 +17,7 @@ use reformer_model::data::DuplicationTask;
 use reformer_model::device::select_device;
 use reformer_model::hf::{HfArchitecture, HfCheckpoint, load_hf_checkpoint, load_rotations, save_hf_checkpoint};
 use reformer_model::loss::{causal_lm_outputs, weighted_accuracy, weighted_cross_entropy};
+use reformer_model::decode::{self, GenerateOptions};
 use reformer_model::sampling::SamplingPolicy;
 use reformer_model::tokenizer::{SENTENCEPIECE_FILE, Tokenizer};
 use reformer_model::{AttentionKind, ForwardContext, LshMode, ReformerLm};
@@ -94,8 +95,10 @@ struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Prompt: text for a text model; space-separated token ids for a duplication run.
-    #[arg(long)]
-    prompt: String,
+    /// Repeat it to continue several prompts in one batch; each continuation is then printed
+    /// on its own line once all are done.
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
     /// Tokens to generate.
     #[arg(long, default_value_t = 100)]
     max_new_tokens: usize,
@@ -108,6 +111,14 @@ struct GenerateArgs {
     /// Sample only from the smallest set of tokens whose probability reaches p.
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
+    /// Recompute the whole sequence for every new token instead of using the decoding cache
+    /// (slower; for checking the cache).
+    #[arg(long)]
+    no_cache: bool,
+    /// Print one JSON object per prompt, {"prompt": index, "ids": [...], "text": ...}, after
+    /// all prompts are done.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -297,7 +308,7 @@ fn ids_tensor(ids: &[i64], device: &Device) -> Tensor<2, Int> {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let Loaded { model, device, architecture, input, ctx, source } = load_model(&args.model)?;
+    let Loaded { model, architecture, input, ctx, source, .. } = load_model(&args.model)?;
     let config = model.config().clone();
     match architecture {
         HfArchitecture::CausalLm => {}
@@ -312,47 +323,68 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("invalid --top-p {}: use a probability in (0, 1]", args.top_p);
     }
-    let mut ids = match &input {
-        Input::Duplication => parse_ids(&args.prompt, config.vocab_size)?,
-        Input::Text(tokenizer) => tokenizer.encode(&args.prompt)?,
-    };
-    if ids.is_empty() {
-        bail!("the prompt is empty: give at least one token with --prompt");
-    }
-    let prompt_len = ids.len();
-    let policy = SamplingPolicy { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p };
-    let mut rng = StdRng::seed_from_u64(args.model.seed);
-    let max_len = config.max_seq_len();
-    let mut stdout = std::io::stdout().lock();
-    let mut printed = 0;
-
-    for _ in 0..args.max_new_tokens {
-        // The model accepts at most its maximum length, so only the most recent tokens go in.
-        let window = &ids[ids.len().saturating_sub(max_len)..];
-        let logits = model.forward(ids_tensor(window, &device), None, &ctx)?;
-        let [_, seq_len, vocab_size] = logits.dims();
-        let last: Vec<f32> = logits
-            .slice([0..1, seq_len - 1..seq_len, 0..vocab_size])
-            .try_into_vec_as::<f32>()
-            .context("failed to read logits")?;
-        let next = policy.sample(&last, &mut rng) as i64;
-        ids.push(next);
-        match &input {
-            Input::Duplication => write!(stdout, "{next} ")?,
-            Input::Text(tokenizer) => {
-                // Pieces can merge on decoding, so the continuation is decoded whole and only
-                // its new bytes are printed.
-                let text = tokenizer.decode(&ids[prompt_len..])?;
-                stdout.write_all(&text[printed.min(text.len())..])?;
-                printed = text.len();
+    let prompts = args
+        .prompt
+        .iter()
+        .enumerate()
+        .map(|(index, prompt)| {
+            let ids = match &input {
+                Input::Duplication => parse_ids(prompt, config.vocab_size)?,
+                Input::Text(tokenizer) => tokenizer.encode(prompt)?,
+            };
+            if ids.is_empty() {
+                bail!("prompt {} is empty: give at least one token with --prompt", index + 1);
             }
+            Ok(ids)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let options = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        policy: SamplingPolicy { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p },
+        eos_token_id: config.eos_token_id,
+        use_cache: !args.no_cache,
+        seed: args.model.seed,
+    };
+    let render = |ids: &[i64]| -> anyhow::Result<Vec<u8>> {
+        Ok(match &input {
+            Input::Duplication => ids.iter().map(|id| format!("{id} ")).collect::<String>().into_bytes(),
+            Input::Text(tokenizer) => tokenizer.decode(ids)?,
+        })
+    };
+
+    let mut stdout = std::io::stdout().lock();
+    // One prompt streams as it is generated. Pieces can merge on decoding, so the text so far
+    // is decoded whole and only its new bytes are printed.
+    let stream = prompts.len() == 1 && !args.json;
+    let mut so_far = Vec::new();
+    let mut printed = 0;
+    let generated = decode::generate(&model, &prompts, &options, &ctx, |_, token| -> anyhow::Result<()> {
+        if stream {
+            so_far.push(token);
+            let text = render(&so_far)?;
+            stdout.write_all(&text[printed.min(text.len())..])?;
+            printed = text.len();
+            stdout.flush()?;
         }
-        stdout.flush()?;
-        if config.eos_token_id == Some(next as usize) {
-            break;
+        Ok(())
+    })?;
+    if stream {
+        writeln!(stdout)?;
+        return Ok(());
+    }
+    for (index, ids) in generated.iter().enumerate() {
+        let mut text = render(ids)?;
+        if matches!(input, Input::Duplication) {
+            text.pop(); // the space after the last id
+        }
+        if args.json {
+            let text = String::from_utf8_lossy(&text);
+            writeln!(stdout, "{}", json!({ "prompt": index, "ids": ids, "text": text }))?;
+        } else {
+            stdout.write_all(&text)?;
+            writeln!(stdout)?;
         }
     }
-    writeln!(stdout)?;
     Ok(())
 }
 

@@ -21,7 +21,6 @@
 //! vector is amortised O(1), while a device tensor would be copied whole. Projections,
 //! feed-forward layers and the LM head run on the model's device.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use burn::prelude::*;
@@ -102,22 +101,32 @@ struct Hashing {
 
 /// Positions of one head and round grouped by bucket id, in ascending position order: the
 /// stable sort by bucket id that Hugging Face recomputes at every step, kept up to date.
-#[derive(Default)]
+/// Ids are stored densely from `base`, the lowest id the round can have.
 struct SortedBuckets {
-    by_id: BTreeMap<u32, Vec<u32>>,
+    base: u32,
+    by_id: Vec<Vec<u32>>,
     max_id: u32,
 }
 
 impl SortedBuckets {
+    fn new(base: u32) -> Self {
+        Self { base, by_id: Vec::new(), max_id: base }
+    }
+
     fn insert(&mut self, id: u32, position: u32) {
-        self.by_id.entry(id).or_default().push(position);
+        let slot = (id - self.base) as usize;
+        if slot >= self.by_id.len() {
+            self.by_id.resize_with(slot + 1, Vec::new);
+        }
+        self.by_id[slot].push(position);
         self.max_id = self.max_id.max(id);
     }
 
     /// Returns the sorted index of the last position stored under `id`.
     fn index_of_last(&self, id: u32) -> usize {
-        let before: usize = self.by_id.range(..id).map(|(_, positions)| positions.len()).sum();
-        before + self.by_id[&id].len() - 1
+        let slot = (id - self.base) as usize;
+        let before: usize = self.by_id[..slot].iter().map(Vec::len).sum();
+        before + self.by_id[slot].len() - 1
     }
 
     /// Returns the positions at sorted indices `start, start + 1, ...` (`count` of them), taken
@@ -128,7 +137,7 @@ impl SortedBuckets {
         while out.len() < count {
             // Walk the buckets from the one holding `index` to the end of the order.
             let mut skipped = 0;
-            for positions in self.by_id.values() {
+            for positions in &self.by_id {
                 if index >= skipped + positions.len() {
                     skipped += positions.len();
                     continue;
@@ -315,9 +324,12 @@ impl<'a> Decoder<'a> {
         } else {
             None
         };
+        let n_buckets = lsh.buckets_for(padded_len).total();
         let buckets = hashed.map(|ids| {
             // ids: [n_heads, n_hashes, padded_len] flattened; the padding is not cached, as in HF.
-            let mut sorted: Vec<SortedBuckets> = (0..s.n_heads * n_hashes).map(|_| SortedBuckets::default()).collect();
+            let mut sorted: Vec<SortedBuckets> = (0..s.n_heads * n_hashes)
+                .map(|head_round| SortedBuckets::new(round_base(head_round % n_hashes, n_buckets)))
+                .collect();
             for (head_round, buckets) in sorted.iter_mut().enumerate() {
                 let ids = &ids[head_round * padded_len..head_round * padded_len + seq_len];
                 for (position, &id) in ids.iter().enumerate() {
@@ -513,7 +525,9 @@ fn local_key_positions(position: usize, padded_len: usize, chunk_len: usize, bef
 /// Hashes the first `total` cached vectors `qk` of an LSH layer (no padding bucket).
 fn hash_all(qk: &[f32], hashing: &Hashing, n_heads: usize, d_head: usize, total: usize) -> Vec<SortedBuckets> {
     let width = n_heads * d_head;
-    let mut sorted: Vec<SortedBuckets> = (0..n_heads * hashing.n_hashes).map(|_| SortedBuckets::default()).collect();
+    let mut sorted: Vec<SortedBuckets> = (0..n_heads * hashing.n_hashes)
+        .map(|head_round| SortedBuckets::new(round_base(head_round % hashing.n_hashes, hashing.n_buckets)))
+        .collect();
     for head in 0..n_heads {
         for round in 0..hashing.n_hashes {
             let buckets = &mut sorted[head * hashing.n_hashes + round];
@@ -525,6 +539,12 @@ fn hash_all(qk: &[f32], hashing: &Hashing, n_heads: usize, d_head: usize, total:
         }
     }
     sorted
+}
+
+/// Returns the lowest id of round `round`: its offset `round * stride` is at least
+/// `round * n_buckets`, the stride being `n_buckets` or, with a pad bucket, one more.
+fn round_base(round: usize, n_buckets: usize) -> u32 {
+    (round * n_buckets) as u32
 }
 
 /// Returns the bucket of one vector of `head` in `round`: `vector · R[head, :, round, :]`, then
@@ -899,7 +919,7 @@ mod tests {
 
     #[test]
     fn sorted_buckets_wrap_around() {
-        let mut buckets = SortedBuckets::default();
+        let mut buckets = SortedBuckets::new(2);
         // Stable order by id: positions 1, 3 (id 2), 0, 4 (id 5), 2 (id 7).
         for (position, id) in [(0, 5), (1, 2), (2, 7), (3, 2), (4, 5)] {
             buckets.insert(id, position);

@@ -4,8 +4,11 @@
 //!   process, with the reversible node and with plain autodiff.
 //! - `speed`: training and inference throughput and peak memory against sequence length at
 //!   fixed tokens per step, with LSH and with full attention.
+//! - `decode`: per-token latency of generation after long prompts, with and without the
+//!   decoding cache.
 
 mod common;
+mod decode;
 mod memory;
 mod speed;
 
@@ -32,6 +35,8 @@ enum Command {
     /// Runs one speed measurement and prints it as one JSON line (used by `speed`).
     #[command(hide = true)]
     SpeedStep(speed::StepArgs),
+    /// Per-token latency of generation after prompts of several lengths, cached and uncached.
+    Decode(decode::DecodeArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
         Command::MemoryStep(args) => memory::run_step(&args),
         Command::Speed(args) => speed::run(&args),
         Command::SpeedStep(args) => speed::run_step(&args),
+        Command::Decode(args) => decode::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,149 @@
+//! `reformer-bench decode`: per-token latency of generation after prompts of several lengths,
+//! with the decoding cache and with full recomputation.
+//!
+//! For each layer stack (the config's own, "mixed", and every layer made local, "local") and
+//! each prefix length, a random prompt runs through [`Decoder::new`]; then `--tokens` tokens
+//! are fed one at a time and the median time per token is reported. Without the cache, each
+//! token is a forward pass over the whole sequence, timed over `--uncached-tokens` tokens.
+//! The model's maximum length is the smallest power of two that holds the longest prefix
+//! plus the generated tokens, with the axial shape of `reformer-bench speed`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, ensure};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use clap::Args;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use reformer_model::decode::Decoder;
+use reformer_model::device::select_device;
+use reformer_model::{AttentionKind, ForwardContext, ReformerConfig, ReformerLm};
+use serde::Serialize;
+
+use crate::common::{axial_rows, peak_rss_mib};
+
+/// The speed benchmark's config: 2 layers [lsh, local], hidden 256, 2 heads of 64.
+const DEFAULT_CONFIG: &str = include_str!("../../../../assets/presets/bench-speed.json");
+
+/// Arguments of `reformer-bench decode`.
+#[derive(Args, Debug)]
+pub struct DecodeArgs {
+    /// Model config (JSON) [default: assets/presets/bench-speed.json, built in]; its
+    /// max_position_embeddings and axial_pos_shape are set to fit the longest prefix.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Prefix (prompt) lengths, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1024,8192,32768")]
+    prefixes: Vec<usize>,
+    /// Tokens generated with the cache after each prefix; the median time is reported.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Tokens generated without the cache after each prefix (0 skips the uncached runs).
+    #[arg(long, default_value_t = 2)]
+    uncached_tokens: usize,
+    /// Backend: cpu, ndarray, flex or wgpu (as compiled in).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Also write the results as JSON Lines to this file.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+/// One measurement: a layer stack at one prefix length.
+#[derive(Debug, Serialize)]
+struct Row {
+    implementation: &'static str,
+    stack: String,
+    prefix: usize,
+    prefill_seconds: f64,
+    cached_ms_per_token: f64,
+    uncached_ms_per_token: Option<f64>,
+    peak_rss_mib: f64,
+    threads: usize,
+    backend: String,
+}
+
+pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
+    ensure!(!args.prefixes.is_empty() && args.prefixes.iter().all(|&p| p > 0), "invalid --prefixes {:?}: give positive lengths", args.prefixes);
+    ensure!(args.tokens > 0, "invalid --tokens 0: generate at least one token");
+    let text = match &args.config {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read --config {}", path.display()))?,
+        None => DEFAULT_CONFIG.to_string(),
+    };
+    let mut base = ReformerConfig::from_json_str(&text)?;
+    let longest = args.prefixes.iter().max().expect("checked non-empty") + args.tokens.max(args.uncached_tokens);
+    let max_len = longest.next_power_of_two();
+    let rows = axial_rows(max_len);
+    base.max_position_embeddings = max_len;
+    base.axial_pos_shape = vec![rows, max_len / rows];
+    let local = ReformerConfig { attn_layers: vec![AttentionKind::Local; base.attn_layers.len()], ..base.clone() };
+    let device = select_device(&args.device)?;
+    let mut out = match &args.out {
+        Some(path) => Some(std::fs::File::create(path).with_context(|| format!("cannot create --out {}", path.display()))?),
+        None => None,
+    };
+
+    println!("| stack | prefix | prefill (s) | cached ms/token | uncached ms/token |");
+    println!("|---|---:|---:|---:|---:|");
+    for (stack, config) in [("mixed", &base), ("local", &local)] {
+        let model = ReformerLm::new(config, 0, &device)?;
+        for &prefix in &args.prefixes {
+            let row = measure(&model, stack, prefix, args, &device)?;
+            let uncached = row.uncached_ms_per_token.map_or("-".to_string(), |ms| format!("{ms:.1}"));
+            println!("| {stack} | {prefix} | {:.2} | {:.2} | {uncached} |", row.prefill_seconds, row.cached_ms_per_token);
+            if let Some(file) = out.as_mut() {
+                writeln!(file, "{}", serde_json::to_string(&row)?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn measure(model: &ReformerLm, stack: &str, prefix: usize, args: &DecodeArgs, device: &Device) -> anyhow::Result<Row> {
+    let vocab_size = model.config().vocab_size as i64;
+    let mut rng = StdRng::seed_from_u64(prefix as u64);
+    let prompt: Vec<i64> = (0..prefix).map(|_| rng.random_range(0..vocab_size)).collect();
+    let ctx = ForwardContext::eval(0);
+
+    let start = Instant::now();
+    let (mut decoder, _) = Decoder::new(model, std::slice::from_ref(&prompt), &ctx)?;
+    let prefill_seconds = start.elapsed().as_secs_f64();
+    let mut times = Vec::with_capacity(args.tokens);
+    for _ in 0..args.tokens {
+        let token = rng.random_range(0..vocab_size);
+        let start = Instant::now();
+        decoder.step(&[0], &[token])?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let cached_ms_per_token = times[times.len() / 2];
+
+    let uncached_ms_per_token = if args.uncached_tokens > 0 {
+        let mut ids = prompt;
+        let start = Instant::now();
+        for _ in 0..args.uncached_tokens {
+            ids.push(rng.random_range(0..vocab_size));
+            let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), device);
+            let logits = model.forward(input, None, &ctx)?;
+            let [_, seq_len, vocab] = logits.dims();
+            let _: Vec<f32> = logits.slice([0..1, seq_len - 1..seq_len, 0..vocab]).try_into_vec_as::<f32>().context("failed to read logits")?;
+        }
+        Some(start.elapsed().as_secs_f64() * 1e3 / args.uncached_tokens as f64)
+    } else {
+        None
+    };
+    Ok(Row {
+        implementation: "reformer-rs",
+        stack: stack.to_string(),
+        prefix,
+        prefill_seconds,
+        cached_ms_per_token,
+        uncached_ms_per_token,
+        peak_rss_mib: peak_rss_mib()?,
+        threads: std::thread::available_parallelism().map_or(1, usize::from),
+        backend: args.device.clone(),
+    })
+}
