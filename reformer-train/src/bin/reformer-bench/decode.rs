@@ -1,9 +1,10 @@
 //! `reformer-bench decode`: per-token latency of generation after prompts of several lengths,
 //! with the decoding cache and with full recomputation.
 //!
-//! For each layer stack (the config's own, "mixed", and every layer made local, "local") and
-//! each prefix length, a random prompt runs through [`Decoder::new`]; then `--tokens` tokens
-//! are fed one at a time and the median time per token is reported. Without the cache, each
+//! Two layer stacks are measured: the config's own ("mixed") and the same with every layer
+//! local ("local"). For each stack and prefix length, a random prompt runs through
+//! [`Decoder::new`]. Then `--tokens` tokens are fed one at a time, and the median time per
+//! token is reported. Without the cache, each
 //! token is a forward pass over the whole sequence, timed over `--uncached-tokens` tokens.
 //! The model's maximum length is the smallest power of two that holds the longest prefix
 //! plus the generated tokens, with the axial shape of `reformer-bench speed`.
