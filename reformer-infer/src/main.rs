@@ -323,6 +323,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("invalid --top-p {}: use a probability in (0, 1]", args.top_p);
     }
+    if args.temperature == 0.0 && (args.top_k > 0 || args.top_p < 1.0) {
+        bail!("--top-k and --top-p apply only when sampling, but --temperature is 0 (greedy); add --temperature, for example 1.0");
+    }
     let prompts = args
         .prompt
         .iter()

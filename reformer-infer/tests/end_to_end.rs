@@ -265,6 +265,27 @@ fn text_run_trains_scores_and_generates() {
     let output = infer(&["generate", "--run", run_arg, "--prompt", "It was", "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "5"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
+    // A batch gives each prompt what it gets alone, with the cache and without it.
+    let generate_json = |prompts: &[&str], extra: &[&str]| -> Vec<serde_json::Value> {
+        let mut args = vec!["generate", "--run", run_arg, "--max-new-tokens", "12", "--temperature", "0.8", "--seed", "3", "--json"];
+        for prompt in prompts {
+            args.extend(["--prompt", prompt]);
+        }
+        args.extend(extra);
+        let output = infer(&args);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+    };
+    let prompts = ["It", "The first line of a much longer prompt, which"];
+    let batch = generate_json(&prompts, &[]);
+    assert_eq!(batch.len(), 2, "one object per prompt");
+    for (index, prompt) in prompts.iter().enumerate() {
+        assert_eq!(batch[index]["prompt"], index);
+        assert_eq!(batch[index]["ids"], generate_json(&[prompt], &[])[0]["ids"], "prompt {index} alone");
+    }
+    let short = generate_json(&["It"], &["--no-cache"]);
+    assert_eq!(short[0]["ids"], batch[0]["ids"], "cached and recomputed tokens differ for a short prompt");
+
     let output = infer(&["eval", "--run", run_arg]);
     assert!(!output.status.success(), "eval on a text run is an error");
 }
