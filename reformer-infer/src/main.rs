@@ -538,6 +538,12 @@ impl Evaluation {
 fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let run = &args.common.run;
     let Some((task, settings)) = duplication_run(run)? else {
+        if !run.join(SETTINGS_FILE).exists() {
+            bail!(
+                "{} is not a reformer-train run ({SETTINGS_FILE} not found); pass the --out folder of a duplication-task run",
+                run.display()
+            );
+        }
         bail!("run {} is not a duplication-task run; `eval` measures second-copy accuracy, use `score` for text", run.display());
     };
     if let Some(n) = args.num_hashes

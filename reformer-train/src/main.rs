@@ -103,7 +103,7 @@ fn main() -> ExitCode {
             eprintln!("\nsecond signal: quitting without saving");
             std::process::exit(i32::from(INTERRUPTED_EXIT));
         }
-        eprintln!("\nstopping: the current step finishes, then a checkpoint is saved (press Ctrl-C again to quit without saving)");
+        eprintln!("\nstopping: the current step finishes, then a checkpoint is saved (a second Ctrl-C or SIGTERM quits without saving)");
     });
     if let Err(error) = handler {
         log::warn!("Ctrl-C will stop training without saving a checkpoint: {error}");

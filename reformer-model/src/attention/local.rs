@@ -7,7 +7,7 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use rand::rngs::StdRng;
 
-use super::{MASK_VALUE, bool_tensor, look_adjacent, merge_heads, softmax_with_lse, split_heads, window_positions};
+use super::{MASK_VALUE, bool_tensor, merge_heads, softmax_with_lse, split_heads, window_positions, window_rows};
 use crate::config::ReformerConfig;
 use crate::context::{ForwardContext, KeyMask, RandomSite};
 use crate::init::normal_linear;
@@ -80,6 +80,7 @@ impl LocalSelfAttention {
     pub fn forward(&self, x: Tensor<3>, mask: Option<&KeyMask>, layer: usize, ctx: &ForwardContext) -> Tensor<3> {
         let s = &self.settings;
         let [batch_size, seq_len, _] = x.dims();
+        let x_device = x.device();
         let q = split_heads(self.query.forward(x.clone()), s.n_heads, s.d_head); // [batch_size, n_heads, seq_len, d_head]
         let k = split_heads(self.key.forward(x.clone()), s.n_heads, s.d_head) / (s.d_head as f64).sqrt();
         let v = split_heads(self.value.forward(x), s.n_heads, s.d_head);
@@ -93,13 +94,23 @@ impl LocalSelfAttention {
         };
         let n_chunks = seq_len / chunk_len;
         let rows = batch_size * s.n_heads;
-        let chunked = |t: Tensor<4>| t.reshape([rows, n_chunks, chunk_len, s.d_head]);
-        let queries = chunked(q);
-        let keys = look_adjacent(chunked(k), before, after); // [rows, n_chunks, window, d_head]
-        let values = look_adjacent(chunked(v), before, after); // [rows, n_chunks, window, d_head]
+        let queries = q.reshape([rows, n_chunks, chunk_len, s.d_head]);
+
+        // Keys and values are gathered straight into each chunk's window: one gather each
+        // instead of shifted copies and their concatenation.
+        let positions: Vec<u32> = (0..seq_len as u32).collect();
+        let key_positions = window_positions(&positions, 1, chunk_len, before, after); // [n_chunks, window]
+        let window = key_positions.len() / n_chunks;
+        let (keys, values) = if before == 0 && after == 0 {
+            (k.reshape([rows, n_chunks, window, s.d_head]), v.reshape([rows, n_chunks, window, s.d_head]))
+        } else {
+            let window_rows = window_rows(&key_positions.repeat(rows), rows, seq_len, &x_device);
+            let gather = |t: Tensor<4>| t.reshape([rows * seq_len, s.d_head]).select(0, window_rows.clone()).reshape([rows, n_chunks, window, s.d_head]);
+            (gather(k), gather(v))
+        };
 
         let scores = queries.matmul(keys.swap_dims(2, 3)); // [rows, n_chunks, chunk_len, window]
-        let scores = self.apply_masks(scores, batch_size, chunk_len, before, after, mask);
+        let scores = self.apply_masks(scores, batch_size, chunk_len, &key_positions, mask);
 
         let (probs, _) = softmax_with_lse(scores);
         let probs = ctx.dropout(probs, s.dropout, layer, RandomSite::AttentionProbs);
@@ -109,13 +120,14 @@ impl LocalSelfAttention {
 
     /// Replaces scores of padding keys and, when causal, of later keys by [`MASK_VALUE`].
     /// Local attention has no self mask.
+    ///
+    /// `key_positions` holds each chunk's window of key positions, `[n_chunks, window]`.
     fn apply_masks(
         &self,
         scores: Tensor<4>,
         batch_size: usize,
         chunk_len: usize,
-        before: usize,
-        after: usize,
+        key_positions: &[u32],
         mask: Option<&KeyMask>,
     ) -> Tensor<4> {
         let causal = self.settings.is_decoder;
@@ -124,8 +136,6 @@ impl LocalSelfAttention {
         }
         let [rows, n_chunks, _, window] = scores.dims();
         let seq_len = n_chunks * chunk_len;
-        let positions: Vec<u32> = (0..seq_len as u32).collect();
-        let key_positions = window_positions(&positions, 1, chunk_len, before, after); // [n_chunks, window]
 
         let mut disallowed = Vec::with_capacity(rows * seq_len * window);
         for row in 0..rows {

@@ -16,8 +16,8 @@ use rand::rngs::StdRng;
 use burn::tensor::TensorData;
 
 use super::{
-    MASK_VALUE, SELF_MASK_VALUE, bool_tensor, look_adjacent, merge_heads, softmax_with_lse,
-    split_heads, window_positions,
+    MASK_VALUE, SELF_MASK_VALUE, bool_tensor, merge_heads, softmax_with_lse, split_heads, window_positions,
+    window_rows,
 };
 use crate::config::{NumBuckets, ReformerConfig};
 use crate::context::{ForwardContext, KeyMask, LshMode, RandomSite, Rotations, mix_seed};
@@ -279,18 +279,21 @@ impl LshSelfAttention {
         };
         let layout = sort_by_bucket(&buckets, rows, n_hashes, seq_len);
 
-        // Gather rows in sorted order; every round gathers the same rows in its own order.
+        // Gather queries in sorted order; every round gathers the same rows in its own order.
         let gather = Tensor::<1, Int>::from_data(TensorData::new(layout.gather.clone(), [rows * slots]), &device);
-        let qk_sorted = qk.reshape([rows * seq_len, d_head]).select(0, gather.clone()); // [rows * slots, d_head]
-        let v_sorted = v.reshape([rows * seq_len, d_head]).select(0, gather); // [rows * slots, d_head]
+        let qk = qk.reshape([rows * seq_len, d_head]);
+        let queries = qk.clone().select(0, gather).reshape([rows, n_chunks, chunk_len, d_head]);
 
-        let queries = qk_sorted.clone().reshape([rows, n_chunks, chunk_len, d_head]);
-        let keys = key_norm(qk_sorted, d_head).reshape([rows, n_chunks, chunk_len, d_head]);
-        let keys = look_adjacent(keys, s.chunks_before, s.chunks_after); // [rows, n_chunks, window, d_head]
-        let values = look_adjacent(v_sorted.reshape([rows, n_chunks, chunk_len, d_head]), s.chunks_before, s.chunks_after); // [rows, n_chunks, window, d_head]
+        // Keys and values are gathered straight into each chunk's window (its own chunk and
+        // its neighbours in sorted order), one gather each instead of a sorted copy, shifted
+        // copies and their concatenation.
+        let key_positions = window_positions(&layout.positions, rows, chunk_len, s.chunks_before, s.chunks_after);
+        let window = key_positions.len() / (rows * n_chunks);
+        let window_rows = window_rows(&key_positions, rows, seq_len, &device);
+        let keys = key_norm(qk, d_head).select(0, window_rows.clone()).reshape([rows, n_chunks, window, d_head]);
+        let values = v.reshape([rows * seq_len, d_head]).select(0, window_rows).reshape([rows, n_chunks, window, d_head]);
 
         let scores = queries.matmul(keys.swap_dims(2, 3)); // [rows, n_chunks, chunk_len, window]
-        let key_positions = window_positions(&layout.positions, rows, chunk_len, s.chunks_before, s.chunks_after);
         let scores = self.apply_masks(scores, rows, chunk_len, &layout.positions, &key_positions, mask);
 
         let (probs, lse) = softmax_with_lse(scores); // lse: [rows, n_chunks, chunk_len, 1]

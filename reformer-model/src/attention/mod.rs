@@ -103,6 +103,18 @@ pub(crate) fn window_positions(
     out
 }
 
+/// Turns window positions (`[rows, n_chunks, window]` flattened, as [`window_positions`]
+/// returns them) into row indices of a `[rows * seq_len, width]` tensor, for one gather.
+pub(crate) fn window_rows(positions: &[u32], rows: usize, seq_len: usize, device: &Device) -> Tensor<1, Int> {
+    let per_row = positions.len() / rows;
+    let index: Vec<i64> = positions
+        .iter()
+        .enumerate()
+        .map(|(i, &position)| ((i / per_row) * seq_len) as i64 + i64::from(position))
+        .collect();
+    Tensor::from_data(TensorData::new(index, [positions.len()]), device)
+}
+
 /// Builds a boolean tensor from host flags.
 pub(crate) fn bool_tensor<const D: usize>(flags: Vec<bool>, shape: [usize; D], device: &Device) -> Tensor<D, Bool> {
     Tensor::from_data(TensorData::new(flags, shape), device)

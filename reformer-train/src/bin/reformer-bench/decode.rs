@@ -21,10 +21,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use reformer_model::decode::Decoder;
 use reformer_model::device::select_device;
-use reformer_model::{AttentionKind, ForwardContext, ReformerConfig, ReformerLm};
+use reformer_model::{AttentionKind, ForwardContext, ReformerConfig, ReformerLm, memory};
 use serde::Serialize;
 
 use crate::common::{axial_rows, peak_rss_mib};
+
+/// Longest prompt plus generated tokens accepted: 2^30, far past what fits in memory, so
+/// that the power-of-two maximum length cannot overflow.
+const MAX_LEN: usize = 1 << 30;
 
 /// The speed benchmark's config: 2 layers [lsh, local], hidden 256, 2 heads of 64.
 const DEFAULT_CONFIG: &str = include_str!("../../../../assets/presets/bench-speed.json");
@@ -76,11 +80,22 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
     };
     let mut base = ReformerConfig::from_json_str(&text)?;
     let longest = args.prefixes.iter().max().expect("checked non-empty") + args.tokens.max(args.uncached_tokens);
+    ensure!(longest <= MAX_LEN, "invalid --prefixes or --tokens: {longest} tokens in all is beyond the limit of {MAX_LEN}");
     let max_len = longest.next_power_of_two();
     let rows = axial_rows(max_len);
     base.max_position_embeddings = max_len;
     base.axial_pos_shape = vec![rows, max_len / rows];
     let local = ReformerConfig { attn_layers: vec![AttentionKind::Local; base.attn_layers.len()], ..base.clone() };
+    // Every length is checked before the first measurement, because a failed allocation
+    // aborts the process without a message.
+    for &prefix in &args.prefixes {
+        let bytes = memory::step_bytes(&base, 1, prefix + args.uncached_tokens, false, true);
+        memory::check_fits(
+            bytes,
+            || format!("the prompt pass at --prefixes {prefix}"),
+            || "lower --prefixes".to_string(),
+        )?;
+    }
     let device = select_device(&args.device)?;
     let mut out = match &args.out {
         Some(path) => Some(std::fs::File::create(path).with_context(|| format!("cannot create --out {}", path.display()))?),

@@ -112,6 +112,7 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
     );
     println!("| layers | backward | parameters | peak RSS (MiB) | peak GPU (MiB) | ratio to first depth | step time (s) | loss |");
     println!("|---|---|---|---|---|---|---|---|");
+    let mut measured = 0;
     for &plain in modes {
         let mut first_peak = None;
         for &depth in &args.depths {
@@ -136,8 +137,11 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
                 report.seconds,
                 report.loss
             );
+            measured += 1;
         }
     }
+    // Failed rows are results, but a table without any measurement is an error.
+    ensure!(measured > 0, "no configuration could be measured; see the reasons in the table above");
     Ok(())
 }
 
