@@ -50,7 +50,7 @@ def parse_args(argv):
 
 
 def axial_rows(length):
-    """The largest divisor of `length` not above its square root, as reformer-bench uses."""
+    """Return the largest divisor of `length` not above its square root, as reformer-bench does."""
     for rows in range(math.isqrt(length), 0, -1):
         if length % rows == 0:
             return rows

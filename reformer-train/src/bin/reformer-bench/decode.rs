@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::common::{axial_rows, peak_rss_mib};
 
-/// Longest prompt plus generated tokens accepted: 2^30, far past what fits in memory, so
+/// Limit on the prompt plus generated tokens: 2^30, far past what fits in memory, so
 /// that the power-of-two maximum length cannot overflow.
 const MAX_LEN: usize = 1 << 30;
 
