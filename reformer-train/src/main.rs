@@ -1,15 +1,14 @@
 //! `reformer-train`: trains a Reformer language model. With no arguments it trains the
 //! embedded default, the duplication task of the Reformer paper.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use reformer_model::ReformerConfig;
-use reformer_train::settings::{PRESET_NAMES, TaskSettings, TrainAttention, TrainSettings, preset};
+use reformer_train::settings::{PRESET_NAMES, TaskSettings, TrainAttention, TrainSettings, load_config, preset};
 use reformer_train::trainer::{ExistingRun, TrainError, TrainEvent, check_run, train_until};
 
 /// Train a Reformer language model.
@@ -120,20 +119,6 @@ fn main() -> ExitCode {
             });
             if interrupted { ExitCode::from(INTERRUPTED_EXIT) } else { ExitCode::FAILURE }
         }
-    }
-}
-
-/// Reads `--config`: this project's format, or a Hugging Face `config.json` (recognised by its
-/// `model_type` key), whose bookkeeping keys are ignored.
-fn load_config(path: &Path) -> anyhow::Result<ReformerConfig> {
-    let is_hf = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .is_some_and(|value| value.get("model_type").is_some());
-    if is_hf {
-        Ok(reformer_model::hf::read_hf_config(path)?.0)
-    } else {
-        Ok(ReformerConfig::load(path)?)
     }
 }
 

@@ -149,6 +149,20 @@ pub fn preset(name: &str) -> Result<Preset, ConfigError> {
     Ok(Preset { name, config, steps, batch_size, seq_len, lr, warmup_steps })
 }
 
+/// Reads a config file: this project's format, or a Hugging Face `config.json` (recognised by
+/// its `model_type` key), whose bookkeeping keys are ignored.
+pub fn load_config(path: &std::path::Path) -> anyhow::Result<ReformerConfig> {
+    let is_hf = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .is_some_and(|value| value.get("model_type").is_some());
+    if is_hf {
+        Ok(reformer_model::hf::read_hf_config(path)?.0)
+    } else {
+        Ok(ReformerConfig::load(path)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use reformer_model::AttentionKind;
@@ -185,3 +199,4 @@ mod tests {
         assert!(error.contains("duplication"), "{error}");
     }
 }
+

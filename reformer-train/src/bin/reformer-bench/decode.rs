@@ -1,8 +1,8 @@
 //! `reformer-bench decode`: per-token latency of generation after prompts of several lengths,
 //! with the decoding cache and with full recomputation.
 //!
-//! Two layer stacks are measured: the config's own ("mixed") and the same with every layer
-//! local ("local"). For each stack and prefix length, a random prompt runs through
+//! Two layer stacks are measured: the config's own (named by its layers, such as
+//! `lsh+local`) and the same with every layer local. For each stack and prefix length, a random prompt runs through
 //! [`Decoder::new`]. Then `--tokens` tokens are fed one at a time, and the median time per
 //! token is reported. Without the cache, each
 //! token is a forward pass over the whole sequence, timed over `--uncached-tokens` tokens.
@@ -22,13 +22,17 @@ use rand::{Rng, SeedableRng};
 use reformer_model::decode::Decoder;
 use reformer_model::device::select_device;
 use reformer_model::{AttentionKind, ForwardContext, ReformerConfig, ReformerLm, memory};
+use reformer_train::settings::load_config;
 use serde::Serialize;
 
 use crate::common::{axial_rows, peak_rss_mib};
 
-/// Limit on the prompt plus generated tokens: 2^30, far past what fits in memory, so
-/// that the power-of-two maximum length cannot overflow.
+/// Limit on the prompt length: 2^30, far past what fits in memory, so that the
+/// power-of-two maximum length cannot overflow.
 const MAX_LEN: usize = 1 << 30;
+
+/// Limit on the generated tokens per prompt.
+const MAX_TOKENS: usize = 1 << 20;
 
 /// The speed benchmark's config: 2 layers [lsh, local], hidden 256, 2 heads of 64.
 const DEFAULT_CONFIG: &str = include_str!("../../../../assets/presets/bench-speed.json");
@@ -36,8 +40,9 @@ const DEFAULT_CONFIG: &str = include_str!("../../../../assets/presets/bench-spee
 /// Arguments of `reformer-bench decode`.
 #[derive(Args, Debug)]
 pub struct DecodeArgs {
-    /// Model config (JSON) [default: assets/presets/bench-speed.json, built in]; its
-    /// max_position_embeddings and axial_pos_shape are set to fit the longest prefix.
+    /// Model config: this project's JSON or a Hugging Face config.json [default:
+    /// assets/presets/bench-speed.json, built in]; its max_position_embeddings and
+    /// axial_pos_shape are set to fit the longest prefix.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Prefix (prompt) lengths, comma-separated.
@@ -73,14 +78,16 @@ struct Row {
 
 pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
     ensure!(!args.prefixes.is_empty() && args.prefixes.iter().all(|&p| p > 0), "invalid --prefixes {:?}: give positive lengths", args.prefixes);
-    ensure!(args.tokens > 0, "invalid --tokens 0: generate at least one token");
-    let text = match &args.config {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read --config {}", path.display()))?,
-        None => DEFAULT_CONFIG.to_string(),
+    ensure!((1..=MAX_TOKENS).contains(&args.tokens), "invalid --tokens {}: use 1 to {MAX_TOKENS}", args.tokens);
+    ensure!(args.uncached_tokens <= MAX_TOKENS, "invalid --uncached-tokens {}: use 0 to {MAX_TOKENS}", args.uncached_tokens);
+    let longest_prefix = *args.prefixes.iter().max().expect("checked non-empty");
+    ensure!(longest_prefix <= MAX_LEN, "invalid --prefixes {longest_prefix}: use at most {MAX_LEN} tokens");
+    let mut base = match &args.config {
+        Some(path) => load_config(path).with_context(|| format!("failed to load --config {}", path.display()))?,
+        None => ReformerConfig::from_json_str(DEFAULT_CONFIG)?,
     };
-    let mut base = ReformerConfig::from_json_str(&text)?;
-    let longest = args.prefixes.iter().max().expect("checked non-empty") + args.tokens.max(args.uncached_tokens);
-    ensure!(longest <= MAX_LEN, "invalid --prefixes or --tokens: {longest} tokens in all is beyond the limit of {MAX_LEN}");
+    // One untimed token warms the caches up before the timed ones.
+    let longest = longest_prefix + 1 + args.tokens.max(args.uncached_tokens);
     let max_len = longest.next_power_of_two();
     let rows = axial_rows(max_len);
     base.max_position_embeddings = max_len;
@@ -104,10 +111,11 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
 
     println!("| stack | prefix | prefill (s) | cached ms/token | uncached ms/token |");
     println!("|---|---:|---:|---:|---:|");
-    for (stack, config) in [("mixed", &base), ("local", &local)] {
+    for config in [&base, &local] {
+        let stack = stack_name(config);
         let model = ReformerLm::new(config, 0, &device)?;
         for &prefix in &args.prefixes {
-            let row = measure(&model, stack, prefix, args, &device)?;
+            let row = measure(&model, &stack, prefix, args, &device)?;
             let uncached = row.uncached_ms_per_token.map_or("-".to_string(), |ms| format!("{ms:.1}"));
             println!("| {stack} | {prefix} | {:.2} | {:.2} | {uncached} |", row.prefill_seconds, row.cached_ms_per_token);
             if let Some(file) = out.as_mut() {
@@ -116,6 +124,19 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Names a layer stack by its attention kinds, such as `lsh+local`.
+fn stack_name(config: &ReformerConfig) -> String {
+    let kinds: Vec<&str> = config
+        .attn_layers
+        .iter()
+        .map(|kind| match kind {
+            AttentionKind::Lsh => "lsh",
+            AttentionKind::Local => "local",
+        })
+        .collect();
+    kinds.join("+")
 }
 
 fn measure(model: &ReformerLm, stack: &str, prefix: usize, args: &DecodeArgs, device: &Device) -> anyhow::Result<Row> {
@@ -127,6 +148,7 @@ fn measure(model: &ReformerLm, stack: &str, prefix: usize, args: &DecodeArgs, de
     let start = Instant::now();
     let (mut decoder, _) = Decoder::new(model, std::slice::from_ref(&prompt), &ctx)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
+    decoder.step(&[0], &[rng.random_range(0..vocab_size)])?;
     let mut times = Vec::with_capacity(args.tokens);
     for _ in 0..args.tokens {
         let token = rng.random_range(0..vocab_size);

@@ -26,6 +26,7 @@ use reformer_model::context::LshMode;
 use reformer_model::device::select_device;
 use reformer_model::loss::{causal_lm_outputs, weighted_cross_entropy};
 use reformer_model::{AttentionKind, ForwardContext, ReformerConfig, ReformerLm, memory};
+use reformer_train::settings::load_config;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{GpuMemorySampler, axial_rows, peak_rss_mib};
@@ -56,8 +57,9 @@ pub enum Attention {
 /// Arguments of `reformer-bench speed`.
 #[derive(Args, Debug)]
 pub struct SpeedArgs {
-    /// Model config (JSON) [default: assets/presets/bench-speed.json, built in]; its
-    /// max_position_embeddings and axial_pos_shape are set per length.
+    /// Model config: this project's JSON or a Hugging Face config.json [default:
+    /// assets/presets/bench-speed.json, built in]; its max_position_embeddings and
+    /// axial_pos_shape are set per length.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Sequence lengths, comma-separated.
@@ -179,11 +181,10 @@ fn estimate(config: &ReformerConfig, batch_size: usize, seq_len: usize, mode: Mo
 
 /// Runs the benchmark and prints the table.
 pub fn run(args: &SpeedArgs) -> anyhow::Result<()> {
-    let text = match &args.config {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("failed to read --config {}", path.display()))?,
-        None => DEFAULT_CONFIG.to_string(),
+    let base = match &args.config {
+        Some(path) => load_config(path).with_context(|| format!("failed to load --config {}", path.display()))?,
+        None => ReformerConfig::from_json_str(DEFAULT_CONFIG)?,
     };
-    let base = ReformerConfig::from_json_str(&text)?;
     ensure!(!args.lengths.is_empty(), "give at least one length with --lengths");
     ensure!(args.tokens_per_step > 0, "invalid --tokens-per-step 0: use a positive number such as 32768");
     ensure!(args.repeats > 0, "invalid --repeats 0: time at least one step");
