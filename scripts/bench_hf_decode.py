@@ -5,7 +5,7 @@ Run by hand, never by CI (it needs torch and transformers):
 
     /work/venv-hf/bin/python scripts/bench_hf_decode.py --out hf-decode.jsonl
 
-For each layer stack ("mixed": the config's own; "local": every layer local) and each prompt
+For each layer stack (the config's own and every layer local, named by their layers) and each prompt
 length, a random prompt runs through `ReformerModelWithLMHead` with `use_cache=True`. Then
 `--tokens` tokens are fed one at a time with `past_buckets_states`, as `generate()` does, and
 the median time per token is reported. The config, the maximum length (the smallest power of
@@ -76,6 +76,9 @@ def measure(model, prefix, tokens, vocab_size):
         output = model(prompt, use_cache=True)
         prefill_seconds = time.perf_counter() - start
         cache = output.past_buckets_states
+        # One untimed token first, as reformer-bench decode does.
+        token = torch.randint(0, vocab_size, (1, 1), generator=generator)
+        cache = model(token, past_buckets_states=cache, use_cache=True).past_buckets_states
         times = []
         for _ in range(tokens):
             token = torch.randint(0, vocab_size, (1, 1), generator=generator)
@@ -90,9 +93,10 @@ def main(argv):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    max_len = 1 << (max(args.prefixes) + args.tokens - 1).bit_length()
+    max_len = 1 << (max(args.prefixes) + 1 + args.tokens - 1).bit_length()
     base = json.loads(Path(args.config).read_text())
-    stacks = {"mixed": base["attn_layers"], "local": ["local"] * len(base["attn_layers"])}
+    layer_stacks = [base["attn_layers"], ["local"] * len(base["attn_layers"])]
+    stacks = {"+".join(layers): layers for layers in layer_stacks}
     out = open(args.out, "w") if args.out else None
     print("| stack | prefix | prefill (s) | cached ms/token |")
     print("|---|---:|---:|---:|")
