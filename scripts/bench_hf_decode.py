@@ -5,12 +5,13 @@ Run by hand, never by CI (it needs torch and transformers):
 
     /work/venv-hf/bin/python scripts/bench_hf_decode.py --out hf-decode.jsonl
 
-For each layer stack (the config's own and every layer local, named by their layers) and each prompt
-length, a random prompt runs through `ReformerModelWithLMHead` with `use_cache=True`. Then
-`--tokens` tokens are fed one at a time with `past_buckets_states`, as `generate()` does, and
-the median time per token is reported. The config, the maximum length (the smallest power of
-two that holds the longest prompt and the new tokens, axial shape [a, max_len / a]) and the
-thread count are those of `reformer-bench decode`, so the two tables line up.
+For each layer stack (the config's own and every layer local, named by their layers) and
+each prompt length, a random prompt runs through `ReformerModelWithLMHead` with
+`use_cache=True`. After one untimed token, `--tokens` tokens are fed one at a time with
+`past_buckets_states`, as `generate()` does, and the median time per token is reported. The
+config, the maximum length (the smallest power of two not below the longest prompt plus the
+new tokens, axial shape [a, max_len / a]) and the thread count are those of
+`reformer-bench decode`, so the two tables line up.
 """
 
 import argparse
