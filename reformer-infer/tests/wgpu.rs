@@ -62,3 +62,26 @@ fn wgpu_training_and_generation_match_cpu() {
     };
     assert_eq!(generate("wgpu"), generate("cpu"));
 }
+
+#[test]
+fn missing_adapter_is_one_error_line() {
+    // The Vulkan loader reads its driver list from the first two variables, and glvnd reads
+    // its EGL vendors (wgpu's OpenGL path on Linux) from the last one. Pointed at missing
+    // files, they leave no adapter of any kind, as on a machine without drivers.
+    let binary = std::env::var("REFORMER_INFER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_reformer-infer").to_string());
+    let checkpoint = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/hf-fixtures/enwik8_small");
+    let output = Command::new(binary)
+        .args(["generate", "--hf", checkpoint, "--prompt", "The", "--max-new-tokens", "2", "--device", "wgpu"])
+        .env("VK_ICD_FILENAMES", "/nonexistent/vulkan-icd.json")
+        .env("VK_DRIVER_FILES", "/nonexistent/vulkan-icd.json")
+        .env("__EGL_VENDOR_LIBRARY_FILENAMES", "/nonexistent/egl-vendor.json")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "wgpu ran without a driver; stderr: {stderr}");
+    assert!(stderr.starts_with("error: --device wgpu found no usable GPU adapter"), "{stderr}");
+    assert!(stderr.contains("mesa-vulkan-drivers"), "{stderr}");
+    assert!(stderr.contains("--device cpu"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+}

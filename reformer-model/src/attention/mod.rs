@@ -71,7 +71,7 @@ fn neighbour_offset(offset: i64, n_chunks: usize) -> i64 {
     if offset.unsigned_abs() >= n_chunks as u64 { 0 } else { offset }
 }
 
-/// Returns the chunk that chunk `chunk` sees as its neighbour `offset` among `n_chunks`, by
+/// Returns the chunk at neighbour `offset` of chunk `chunk` among `n_chunks`, by
 /// [`look_adjacent`]'s rule.
 pub(crate) fn neighbour_chunk(chunk: usize, offset: i64, n_chunks: usize) -> usize {
     (chunk as i64 + neighbour_offset(offset, n_chunks)).rem_euclid(n_chunks as i64) as usize
@@ -122,10 +122,16 @@ pub(crate) fn bool_tensor<const D: usize>(flags: Vec<bool>, shape: [usize; D], d
 
 /// Softmax by `exp(s - logsumexp(s))`, returning the probabilities and the logsumexp.
 pub(crate) fn softmax_with_lse<const D: usize>(scores: Tensor<D>) -> (Tensor<D>, Tensor<D>) {
-    // `exp(s - lse)` rather than exponentials over their sum: Hugging Face rounds `lse` to f32
-    // first, which matters where it is about -1e5 (rows that see only the query itself).
-    let lse = logsumexp(scores.clone());
-    (shifted_exp(scores - lse.clone()), lse)
+    // Hugging Face computes `exp(s - lse)` with `lse` rounded to f32, which matters where it is
+    // about -1e5 (rows that see only the query itself): dividing by the sum would not round
+    // the same way. `exp(s - max) * exp(max - lse)` keeps that rounding (`max - lse` is exact
+    // in f32, as the two are close) and reuses the exponentials the logsumexp needs anyway,
+    // instead of a second pass of subtraction, clamping and `exp` over all the scores.
+    let max = scores.clone().max_dim(D - 1).detach();
+    let shifted = shifted_exp(scores - max.clone());
+    let lse = max.clone() + shifted.clone().sum_dim(D - 1).log();
+    let scale = (max - lse.clone()).exp();
+    (shifted * scale, lse)
 }
 
 /// Lowest exponent passed to `exp` in softmaxes. Masked scores (-1e9 below the row maximum)
