@@ -95,8 +95,8 @@ struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Prompt: text for a text model; space-separated token ids for a duplication run.
-    /// Repeat it to continue several prompts in one batch; each continuation is then printed,
-    /// followed by a newline, once all are done (use --json when they may contain newlines).
+    /// Repeat it to continue several prompts in one batch. Each continuation is then printed,
+    /// followed by a newline, once all are done; use --json when they may contain newlines.
     #[arg(long, required = true)]
     prompt: Vec<String>,
     /// Tokens to generate.

@@ -33,7 +33,7 @@ use crate::attention::lsh::{LshSelfAttention, factorised_argmax};
 use crate::attention::{SELF_MASK_VALUE, neighbour_chunk};
 use crate::context::{BucketMemo, ForwardContext, KeyMask, LshMode, Rotations};
 use crate::error::InputError;
-use crate::model::ReformerLm;
+use crate::model::{ReformerLm, check_num_hashes, check_token_ids};
 use crate::sampling::SamplingPolicy;
 
 /// Epsilon of the key normalisation (Hugging Face's `_len_norm`), as in LSH attention.
@@ -178,11 +178,7 @@ impl<'a> Decoder<'a> {
         if prompts.is_empty() {
             return Err(InputError::Empty { batch_size: 0, seq_len: 0 });
         }
-        if let Some(n) = ctx.num_hashes
-            && !(1..=crate::config::MAX_HASHES).contains(&n)
-        {
-            return Err(InputError::NumHashes(n));
-        }
+        check_num_hashes(ctx)?;
         let ctx = ForwardContext { training: false, buckets: None, ..ctx.clone() };
         let mut decoder = Self { model, ctx, rows: Vec::with_capacity(prompts.len()) };
         let mut logits = Vec::with_capacity(prompts.len());
@@ -210,17 +206,25 @@ impl<'a> Decoder<'a> {
     /// # Shapes
     /// - `rows`, `tokens`: one entry per row to extend
     /// - output: `[rows.len()][vocab_size]`
+    ///
+    /// # Panics
+    /// If `rows` and `tokens` differ in length, or `rows` repeats a row or names one that
+    /// [`Decoder::new`] did not create.
     pub fn step(&mut self, rows: &[usize], tokens: &[i64]) -> Result<Vec<Vec<f32>>, InputError> {
         assert_eq!(rows.len(), tokens.len(), "{} rows but {} tokens", rows.len(), tokens.len());
+        let mut seen = vec![false; self.rows.len()];
+        for &row in rows {
+            assert!(row < seen.len(), "row {row} does not exist: the decoder has {} rows", seen.len());
+            assert!(!seen[row], "row {row} appears twice in {rows:?}");
+            seen[row] = true;
+        }
         if rows.is_empty() {
             return Ok(Vec::new());
         }
         let model = self.model;
         let config = model.config();
         let vocab_size = config.vocab_size;
-        if let Some(&id) = tokens.iter().find(|&&id| id < 0 || id as usize >= vocab_size) {
-            return Err(InputError::TokenOutOfRange { id, vocab_size });
-        }
+        check_token_ids(tokens, vocab_size)?;
         let max_len = config.max_seq_len();
         if let Some(&row) = rows.iter().find(|&&row| self.rows[row].len >= max_len) {
             return Err(InputError::TooLong { seq_len: self.rows[row].len + 1, max_len });
@@ -365,8 +369,9 @@ impl<'a> Decoder<'a> {
             match (&mut cache.buckets, &cache.hashing) {
                 (Some(buckets), Some(hashing)) => {
                     // Hugging Face offsets round r's ids by r * n_buckets, or by
-                    // r * (n_buckets + 1) when the prompt had a pad bucket. It tells the two
-                    // apart by the largest cached id (`increase_num_buckets`), and so does this.
+                    // r * (n_buckets + 1) when the prompt had a pad bucket. It picks the second
+                    // when the largest cached id exceeds n_hashes * n_buckets - 1
+                    // (`increase_num_buckets`), and so does this.
                     let largest = buckets.iter().map(|b| b.max_id).max().unwrap_or(0) as usize;
                     let stride = hashing.n_buckets + usize::from(largest > hashing.n_hashes * hashing.n_buckets - 1);
                     for head in 0..n_heads {
@@ -928,6 +933,14 @@ mod tests {
         assert_eq!(buckets.positions_from(0, 5, 5), vec![1, 3, 0, 4, 2]);
         assert_eq!(buckets.positions_from(-2, 4, 5), vec![4, 2, 1, 3]);
         assert_eq!(buckets.positions_from(3, 8, 5), vec![4, 2, 1, 3, 0, 4, 2, 1]);
+    }
+
+    #[test]
+    #[should_panic(expected = "row 0 appears twice")]
+    fn step_rejects_repeated_row() {
+        let local = ReformerLm::new(&config(vec![AttentionKind::Local], 4, 1, 0), 5, &test_device()).unwrap();
+        let (mut decoder, _) = Decoder::new(&local, &[random_ids(3, 9)], &ForwardContext::eval(0)).unwrap();
+        let _ = decoder.step(&[0, 0], &[1, 2]);
     }
 
     #[test]

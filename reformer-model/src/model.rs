@@ -314,11 +314,7 @@ impl ReformerLm {
         ctx: &ForwardContext,
     ) -> Result<Tensor<3>, InputError> {
         let [_, seq_len, _] = x.dims();
-        if let Some(n) = ctx.num_hashes
-            && !(1..=crate::config::MAX_HASHES).contains(&n)
-        {
-            return Err(InputError::NumHashes(n));
-        }
+        check_num_hashes(ctx)?;
         let streams = if ctx.reversible && x.is_autodiff() {
             // The node cannot return an error, so the only one the layers can raise is
             // checked first.
@@ -351,10 +347,23 @@ impl ReformerLm {
             }
         }
         let ids_host: Vec<i64> = ids.clone().try_into_vec_as::<i64>().expect("integer ids");
-        if let Some(&id) = ids_host.iter().find(|&&id| id < 0 || id as usize >= self.config.vocab_size) {
-            return Err(InputError::TokenOutOfRange { id, vocab_size: self.config.vocab_size });
-        }
-        Ok(())
+        check_token_ids(&ids_host, self.config.vocab_size)
+    }
+}
+
+/// Checks a `num_hashes` override of `ctx` against 1..=[`crate::config::MAX_HASHES`].
+pub(crate) fn check_num_hashes(ctx: &ForwardContext) -> Result<(), InputError> {
+    match ctx.num_hashes {
+        Some(n) if !(1..=crate::config::MAX_HASHES).contains(&n) => Err(InputError::NumHashes(n)),
+        _ => Ok(()),
+    }
+}
+
+/// Checks that every token id is in `0..vocab_size`.
+pub(crate) fn check_token_ids(ids: &[i64], vocab_size: usize) -> Result<(), InputError> {
+    match ids.iter().find(|&&id| id < 0 || id as usize >= vocab_size) {
+        Some(&id) => Err(InputError::TokenOutOfRange { id, vocab_size }),
+        None => Ok(()),
     }
 }
 

@@ -121,7 +121,7 @@ impl LocalSelfAttention {
     /// Replaces scores of padding keys and, when causal, of later keys by [`MASK_VALUE`].
     /// Local attention has no self mask.
     ///
-    /// `key_positions` holds each chunk's window of key positions, `[n_chunks, window]`.
+    /// `key_positions` contains each chunk's window of key positions, `[n_chunks, window]`.
     fn apply_masks(
         &self,
         scores: Tensor<4>,

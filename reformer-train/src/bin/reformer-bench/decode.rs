@@ -2,12 +2,12 @@
 //! with the decoding cache and with full recomputation.
 //!
 //! Two layer stacks are measured: the config's own (named by its layers, such as
-//! `lsh+local`) and the same with every layer local. For each stack and prefix length, a random prompt runs through
-//! [`Decoder::new`]. Then `--tokens` tokens are fed one at a time, and the median time per
-//! token is reported. Without the cache, each
-//! token is a forward pass over the whole sequence, timed over `--uncached-tokens` tokens.
-//! The model's maximum length is the smallest power of two that holds the longest prefix
-//! plus the generated tokens, with the axial shape of `reformer-bench speed`.
+//! `lsh+local`) and the same with every layer local. For each stack and prefix length, a
+//! random prompt runs through [`Decoder::new`]. After one untimed token, `--tokens` tokens are
+//! fed one at a time, and the median time per token is reported. Without the cache, each token
+//! is a forward pass over the whole sequence, timed over `--uncached-tokens` tokens.
+//! The model's maximum length is the smallest power of two not below the longest prefix plus
+//! the generated tokens, with the axial shape of `reformer-bench speed`.
 
 use std::io::Write;
 use std::path::PathBuf;
