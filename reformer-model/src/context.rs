@@ -267,6 +267,12 @@ impl ForwardContext {
         let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &x.device());
         x * mask
     }
+
+    /// Returns the `count` factors [`Self::dropout`] would multiply a tensor of `count` values
+    /// by at `(layer, site)`, or `None` where it would return the tensor unchanged.
+    pub fn dropout_factors(&self, count: usize, prob: f64, layer: usize, site: RandomSite) -> Option<Vec<f32>> {
+        (self.training && prob > 0.0).then(|| bernoulli_keep_mask(count, prob, self.stream_seed(layer, site)))
+    }
 }
 
 /// Draws `count` inverted-dropout factors: 0 with probability `prob`, else `1 / (1 - prob)`.

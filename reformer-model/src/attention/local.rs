@@ -2,12 +2,15 @@
 //! transformers 5.25: the sequence is cut into chunks and each chunk attends to itself and
 //! its neighbouring chunks, with chunk indices wrapping around.
 
+use std::sync::Arc;
+
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
 use rand::rngs::StdRng;
 
-use super::{MASK_VALUE, bool_tensor, merge_heads, softmax_with_lse, split_heads, window_positions, window_rows};
+use super::chunked::{ChunkPlan, chunked_attention};
+use super::{merge_heads, split_heads};
 use crate::config::ReformerConfig;
 use crate::context::{ForwardContext, KeyMask, RandomSite};
 use crate::init::normal_linear;
@@ -80,10 +83,11 @@ impl LocalSelfAttention {
     pub fn forward(&self, x: Tensor<3>, mask: Option<&KeyMask>, layer: usize, ctx: &ForwardContext) -> Tensor<3> {
         let s = &self.settings;
         let [batch_size, seq_len, _] = x.dims();
-        let x_device = x.device();
-        let q = split_heads(self.query.forward(x.clone()), s.n_heads, s.d_head); // [batch_size, n_heads, seq_len, d_head]
-        let k = split_heads(self.key.forward(x.clone()), s.n_heads, s.d_head) / (s.d_head as f64).sqrt();
-        let v = split_heads(self.value.forward(x), s.n_heads, s.d_head);
+        let rows = batch_size * s.n_heads;
+        let heads = |t: Tensor<3>| split_heads(t, s.n_heads, s.d_head).reshape([rows, seq_len, s.d_head]);
+        let q = heads(self.query.forward(x.clone()));
+        let k = heads(self.key.forward(x.clone())) / (s.d_head as f64).sqrt();
+        let v = heads(self.value.forward(x));
 
         // Exact attention is one chunk with no neighbours.
         let (chunk_len, before, after) = if seq_len <= s.chunk_len {
@@ -92,68 +96,27 @@ impl LocalSelfAttention {
             debug_assert_eq!(seq_len % s.chunk_len, 0, "seq_len {seq_len} is not a multiple of chunk_len {}", s.chunk_len);
             (s.chunk_len, s.chunks_before, s.chunks_after)
         };
-        let n_chunks = seq_len / chunk_len;
-        let rows = batch_size * s.n_heads;
-        let queries = q.reshape([rows, n_chunks, chunk_len, s.d_head]);
-
-        // Keys and values are gathered straight into each chunk's window: one gather each
-        // instead of shifted copies and their concatenation.
-        let positions: Vec<u32> = (0..seq_len as u32).collect();
-        let key_positions = window_positions(&positions, 1, chunk_len, before, after); // [n_chunks, window]
-        let window = key_positions.len() / n_chunks;
-        let (keys, values) = if before == 0 && after == 0 {
-            (k.reshape([rows, n_chunks, window, s.d_head]), v.reshape([rows, n_chunks, window, s.d_head]))
-        } else {
-            let window_rows = window_rows(&key_positions.repeat(rows), rows, seq_len, &x_device);
-            let gather = |t: Tensor<4>| t.reshape([rows * seq_len, s.d_head]).select(0, window_rows.clone()).reshape([rows, n_chunks, window, s.d_head]);
-            (gather(k), gather(v))
+        let mut plan = ChunkPlan {
+            rows,
+            n_heads: s.n_heads,
+            seq_len,
+            d_head: s.d_head,
+            n_rounds: 1,
+            chunk_len,
+            before,
+            after,
+            order: None,
+            causal: s.is_decoder,
+            self_mask: false,
+            padding: mask.cloned(),
+            dropout: None,
         };
-
-        let scores = queries.matmul(keys.swap_dims(2, 3)); // [rows, n_chunks, chunk_len, window]
-        let scores = self.apply_masks(scores, batch_size, chunk_len, &key_positions, mask);
-
-        let (probs, _) = softmax_with_lse(scores);
-        let probs = ctx.dropout(probs, s.dropout, layer, RandomSite::AttentionProbs);
-        let out = probs.matmul(values); // [rows, n_chunks, chunk_len, d_head]
-        merge_heads(out.reshape([batch_size, s.n_heads, seq_len, s.d_head]))
-    }
-
-    /// Replaces scores of padding keys and, when causal, of later keys by [`MASK_VALUE`].
-    /// Local attention has no self mask.
-    ///
-    /// `key_positions` contains each chunk's window of key positions, `[n_chunks, window]`.
-    fn apply_masks(
-        &self,
-        scores: Tensor<4>,
-        batch_size: usize,
-        chunk_len: usize,
-        key_positions: &[u32],
-        mask: Option<&KeyMask>,
-    ) -> Tensor<4> {
-        let causal = self.settings.is_decoder;
-        if mask.is_none() && !causal {
-            return scores;
-        }
-        let [rows, n_chunks, _, window] = scores.dims();
-        let seq_len = n_chunks * chunk_len;
-
-        let mut disallowed = Vec::with_capacity(rows * seq_len * window);
-        for row in 0..rows {
-            let batch = row / self.settings.n_heads;
-            for chunk in 0..n_chunks {
-                let keys = &key_positions[chunk * window..(chunk + 1) * window];
-                for q_pos in (chunk * chunk_len) as u32..((chunk + 1) * chunk_len) as u32 {
-                    for &k_pos in keys {
-                        let padded = mask.is_some_and(|m| !m.is_valid(batch, k_pos as usize));
-                        disallowed.push(padded || (causal && q_pos < k_pos));
-                    }
-                }
-            }
-        }
-        debug_assert_eq!(rows, batch_size * self.settings.n_heads);
-        let shape = scores.dims();
-        let device = scores.device();
-        scores.mask_fill(bool_tensor(disallowed, shape, &device), MASK_VALUE)
+        let n_probs = rows * plan.slots() * plan.window();
+        plan.dropout = ctx.dropout_factors(n_probs, s.dropout, layer, RandomSite::AttentionProbs).map(Arc::new);
+        let out = chunked_attention(q, k, v, plan) // [rows, 1, seq_len, d_head + 1]
+            .slice([0..rows, 0..1, 0..seq_len, 0..s.d_head])
+            .reshape([batch_size, s.n_heads, seq_len, s.d_head]);
+        merge_heads(out)
     }
 }
 

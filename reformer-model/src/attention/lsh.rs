@@ -15,10 +15,8 @@ use burn::prelude::*;
 use rand::rngs::StdRng;
 use burn::tensor::TensorData;
 
-use super::{
-    MASK_VALUE, SELF_MASK_VALUE, bool_tensor, merge_heads, softmax_with_lse, split_heads, window_positions,
-    window_rows,
-};
+use super::chunked::{ChunkPlan, chunked_attention};
+use super::{MASK_VALUE, SELF_MASK_VALUE, bool_tensor, merge_heads, softmax_with_lse, split_heads};
 use crate::config::{NumBuckets, ReformerConfig};
 use crate::context::{ForwardContext, KeyMask, LshMode, RandomSite, Rotations, mix_seed};
 use crate::error::InputError;
@@ -64,17 +62,6 @@ pub struct LshSelfAttention {
     pub value: Linear,
     #[module(skip)]
     settings: LshSettings,
-}
-
-/// Result of hashing and sorting for one call: the indices that chunking, masking and
-/// unsorting need.
-struct SortedLayout {
-    /// Global row index into `[batch_size * n_heads * seq_len]` for each sorted slot.
-    gather: Vec<i64>,
-    /// Global slot index into `[batch_size * n_heads * n_hashes * seq_len]` that undoes the sort.
-    undo: Vec<i64>,
-    /// Original position held in each sorted slot, `[batch_size * n_heads, n_hashes * seq_len]`.
-    positions: Vec<u32>,
 }
 
 impl LshSelfAttention {
@@ -264,12 +251,8 @@ impl LshSelfAttention {
     ) -> Result<Tensor<4>, InputError> {
         let s = &self.settings;
         let [batch_size, n_heads, seq_len, d_head] = qk.dims();
-        let device = qk.device();
         let n_hashes = ctx.num_hashes.unwrap_or(s.n_hashes);
-        let chunk_len = s.chunk_len;
         let rows = batch_size * n_heads;
-        let slots = n_hashes * seq_len;
-        let n_chunks = slots / chunk_len;
 
         // Inside the reversible node the forward stores the ids and the recomputation reuses
         // them: hashing the recomputed `qk` could flip a near-tie into another bucket.
@@ -277,38 +260,35 @@ impl LshSelfAttention {
             Some(memo) => memo.get_or_insert(layer, || self.hash(qk.clone(), n_hashes, mask, layer, ctx))?,
             None => Arc::new(self.hash(qk.clone(), n_hashes, mask, layer, ctx)?),
         };
-        let layout = sort_by_bucket(&buckets, rows, n_hashes, seq_len);
+        let positions = sort_by_bucket(&buckets, rows, n_hashes, seq_len);
 
-        // Gather queries in sorted order; every round gathers the same rows in its own order.
-        let gather = Tensor::<1, Int>::from_data(TensorData::new(layout.gather.clone(), [rows * slots]), &device);
-        let qk = qk.reshape([rows * seq_len, d_head]);
-        let queries = qk.clone().select(0, gather).reshape([rows, n_chunks, chunk_len, d_head]);
-
-        // Keys and values are gathered straight into each chunk's window (its own chunk and
-        // its neighbours in sorted order), one gather each instead of a sorted copy, shifted
-        // copies and their concatenation.
-        let key_positions = window_positions(&layout.positions, rows, chunk_len, s.chunks_before, s.chunks_after);
-        let window = key_positions.len() / (rows * n_chunks);
-        let window_rows = window_rows(&key_positions, rows, seq_len, &device);
-        let keys = key_norm(qk, d_head).select(0, window_rows.clone()).reshape([rows, n_chunks, window, d_head]);
-        let values = v.reshape([rows * seq_len, d_head]).select(0, window_rows).reshape([rows, n_chunks, window, d_head]);
-
-        let scores = queries.matmul(keys.swap_dims(2, 3)); // [rows, n_chunks, chunk_len, window]
-        let scores = self.apply_masks(scores, rows, chunk_len, &layout.positions, &key_positions, mask);
-
-        let (probs, lse) = softmax_with_lse(scores); // lse: [rows, n_chunks, chunk_len, 1]
-        let probs = ctx.dropout(probs, s.dropout, layer, RandomSite::AttentionProbs);
-        let out = probs.matmul(values); // [rows, n_chunks, chunk_len, d_head]
-
-        // Undo the sort: slot k * seq_len + t of each row gets round k's output for position t.
-        let undo = Tensor::<1, Int>::from_data(TensorData::new(layout.undo, [rows * slots]), &device);
-        let out = out
-            .reshape([rows * slots, d_head])
-            .select(0, undo.clone())
+        // Sorted chunks attend to their neighbours. Every round contains each position once.
+        let mut plan = ChunkPlan {
+            rows,
+            n_heads,
+            seq_len,
+            d_head,
+            n_rounds: n_hashes,
+            chunk_len: s.chunk_len,
+            before: s.chunks_before,
+            after: s.chunks_after,
+            order: Some(Arc::new(positions)),
+            causal: s.is_decoder,
+            self_mask: true,
+            padding: mask.cloned(),
+            dropout: None,
+        };
+        let n_probs = rows * plan.slots() * plan.window();
+        plan.dropout = ctx.dropout_factors(n_probs, s.dropout, layer, RandomSite::AttentionProbs).map(Arc::new);
+        let qk = qk.reshape([rows, seq_len, d_head]);
+        let keys = key_norm(qk.clone(), d_head);
+        let both = chunked_attention(qk, keys, v.reshape([rows, seq_len, d_head]), plan); // [rows, n_hashes, seq_len, d_head + 1]
+        let out = both
+            .clone()
+            .slice([0..rows, 0..n_hashes, 0..seq_len, 0..d_head])
             .reshape([batch_size, n_heads, n_hashes, seq_len, d_head]);
-        let lse = lse
-            .reshape([rows * slots, 1])
-            .select(0, undo)
+        let lse = both
+            .slice([0..rows, 0..n_hashes, 0..seq_len, d_head..d_head + 1])
             .reshape([batch_size, n_heads, n_hashes, seq_len]);
 
         if n_hashes == 1 {
@@ -320,55 +300,6 @@ impl LshSelfAttention {
         let weights = (lse.clone() - super::logsumexp(lse)).exp().swap_dims(2, 3); // [batch_size, n_heads, n_hashes, seq_len]
         let combined = (out * weights.unsqueeze_dim::<5>(4)).sum_dim(2); // [batch_size, n_heads, 1, seq_len, d_head]
         Ok(combined.reshape([batch_size, n_heads, seq_len, d_head]))
-    }
-
-    /// Replaces disallowed scores: padding keys and (when causal) later keys by
-    /// [`MASK_VALUE`], then a token's own key by [`SELF_MASK_VALUE`], comparing original
-    /// positions.
-    ///
-    /// The scores are laid out as `rows` rows (`batch_size * n_heads`, batch-major), each with
-    /// chunks of `chunk_len` queries; `query_positions` contains every query's original position
-    /// in that order and `key_positions` one window of positions per chunk.
-    fn apply_masks(
-        &self,
-        scores: Tensor<4>,
-        rows: usize,
-        chunk_len: usize,
-        query_positions: &[u32],
-        key_positions: &[u32],
-        mask: Option<&KeyMask>,
-    ) -> Tensor<4> {
-        let shape = scores.dims();
-        let device = scores.device();
-        let causal = self.settings.is_decoder;
-        let n_chunks = query_positions.len() / chunk_len;
-        let chunks_per_row = n_chunks / rows;
-        let window = key_positions.len() / n_chunks;
-        let count = query_positions.len() * window;
-        let with_disallowed = mask.is_some() || causal;
-
-        let mut disallowed = Vec::with_capacity(if with_disallowed { count } else { 0 });
-        let mut own = Vec::with_capacity(count);
-        for chunk in 0..n_chunks {
-            let batch = chunk / chunks_per_row / self.settings.n_heads;
-            let keys = &key_positions[chunk * window..(chunk + 1) * window];
-            for &q_pos in &query_positions[chunk * chunk_len..(chunk + 1) * chunk_len] {
-                for &k_pos in keys {
-                    own.push(q_pos == k_pos);
-                    if with_disallowed {
-                        let padded = mask.is_some_and(|m| !m.is_valid(batch, k_pos as usize));
-                        disallowed.push(padded || (causal && q_pos < k_pos));
-                    }
-                }
-            }
-        }
-
-        let scores = if with_disallowed {
-            scores.mask_fill(bool_tensor(disallowed, shape, &device), MASK_VALUE)
-        } else {
-            scores
-        };
-        scores.mask_fill(bool_tensor(own, shape, &device), SELF_MASK_VALUE)
     }
 
     /// Hashes `qk` into buckets per head and round: `argmax([xR; -xR])` per bucket factor.
@@ -448,11 +379,10 @@ pub(crate) fn factorised_argmax(r: &[f32], factors: &[usize]) -> u32 {
 }
 
 /// Sorts each row's `n_hashes * seq_len` slots stably by bucket id (ids of different rounds are
-/// disjoint, so rounds stay in order and ties keep ascending positions).
-fn sort_by_bucket(buckets: &[u32], rows: usize, n_hashes: usize, seq_len: usize) -> SortedLayout {
+/// disjoint, so rounds stay in order and ties keep ascending positions), and returns the
+/// original position in each sorted slot, `[rows, n_hashes * seq_len]` flattened.
+fn sort_by_bucket(buckets: &[u32], rows: usize, n_hashes: usize, seq_len: usize) -> Vec<u32> {
     let slots = n_hashes * seq_len;
-    let mut gather = Vec::with_capacity(rows * slots);
-    let mut undo = vec![0i64; rows * slots];
     let mut positions = Vec::with_capacity(rows * slots);
     let mut order: Vec<u32> = Vec::with_capacity(slots);
     for row in 0..rows {
@@ -460,14 +390,9 @@ fn sort_by_bucket(buckets: &[u32], rows: usize, n_hashes: usize, seq_len: usize)
         order.clear();
         order.extend(0..slots as u32);
         order.sort_by_key(|&slot| keys[slot as usize]); // stable
-        for (sorted, &slot) in order.iter().enumerate() {
-            let position = slot as usize % seq_len;
-            gather.push((row * seq_len + position) as i64);
-            positions.push(position as u32);
-            undo[row * slots + slot as usize] = (row * slots + sorted) as i64;
-        }
+        positions.extend(order.iter().map(|&slot| slot % seq_len as u32));
     }
-    SortedLayout { gather, undo, positions }
+    positions
 }
 
 /// Normalises shared-QK keys as Hugging Face's `_len_and_dim_norm`:
@@ -674,27 +599,18 @@ mod tests {
     }
 
     #[test]
-    fn unsort_inverts_sort() {
+    fn sort_keeps_each_position_per_round() {
         let (rows, n_hashes, seq_len, n_buckets) = (3, 2, 10, 4);
         let mut rng = StdRng::seed_from_u64(3);
         let buckets: Vec<u32> = (0..rows * n_hashes * seq_len)
             .map(|slot| rng.random_range(0..n_buckets) + (slot / seq_len % n_hashes) as u32 * n_buckets)
             .collect();
-        let layout = sort_by_bucket(&buckets, rows, n_hashes, seq_len);
-
-        // Sort distinct per-token values as the layer sorts `qk`, then unsort as it unsorts
-        // the output: slot `round * seq_len + t` of each row must get token `t` back.
-        let tokens: Vec<i64> = (0..(rows * seq_len) as i64).map(|token| 1000 + token).collect();
-        let sorted: Vec<i64> = layout.gather.iter().map(|&row| tokens[row as usize]).collect();
-        let unsorted: Vec<i64> = layout.undo.iter().map(|&slot| sorted[slot as usize]).collect();
-        let expected: Vec<i64> = (0..rows * n_hashes * seq_len)
-            .map(|slot| tokens[slot / (n_hashes * seq_len) * seq_len + slot % seq_len])
-            .collect();
-        assert_eq!(unsorted, expected);
-
-        let mut undo = layout.undo.clone();
-        undo.sort_unstable();
-        assert_eq!(undo, (0..(rows * n_hashes * seq_len) as i64).collect::<Vec<_>>(), "undo is not a permutation");
+        let positions = sort_by_bucket(&buckets, rows, n_hashes, seq_len);
+        for (index, round) in positions.chunks(seq_len).enumerate() {
+            let mut round = round.to_vec();
+            round.sort_unstable();
+            assert_eq!(round, (0..seq_len as u32).collect::<Vec<_>>(), "row {}, round {}", index / n_hashes, index % n_hashes);
+        }
     }
 
     #[test]
@@ -704,17 +620,15 @@ mod tests {
         let buckets: Vec<u32> = (0..rows * n_hashes * seq_len)
             .map(|slot| rng.random_range(0..3) + (slot / seq_len % n_hashes) as u32 * 3)
             .collect();
-        let layout = sort_by_bucket(&buckets, rows, n_hashes, seq_len);
+        let positions = sort_by_bucket(&buckets, rows, n_hashes, seq_len);
 
         let slots = n_hashes * seq_len;
-        let mut sorted_buckets = vec![0u32; rows * slots];
-        for (slot, &target) in layout.undo.iter().enumerate() {
-            sorted_buckets[target as usize] = buckets[slot];
-        }
+        // The bucket of sorted slot `s`: its round is `s / seq_len`, its position is stored.
+        let bucket = |row: usize, sorted: usize| buckets[row * slots + (sorted / seq_len) * seq_len + positions[row * slots + sorted] as usize];
         for row in 0..rows {
-            for sorted in row * slots + 1..(row + 1) * slots {
-                let previous = (sorted_buckets[sorted - 1], layout.positions[sorted - 1]);
-                let current = (sorted_buckets[sorted], layout.positions[sorted]);
+            for sorted in 1..slots {
+                let previous = (bucket(row, sorted - 1), positions[row * slots + sorted - 1]);
+                let current = (bucket(row, sorted), positions[row * slots + sorted]);
                 assert!(previous < current, "row {row}, sorted slot {sorted}: {previous:?} before {current:?}");
             }
         }

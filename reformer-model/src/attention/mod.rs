@@ -1,6 +1,12 @@
 //! Self-attention of the Reformer: LSH attention and local (chunked) attention, with the
 //! helpers they share.
 
+// The backend extension names NdArray, deprecated upstream in favour of Flex (see `reversible`
+// in lib.rs).
+#[allow(deprecated)]
+pub mod chunked;
+#[cfg(feature = "flex")]
+mod chunked_host;
 pub mod local;
 pub mod lsh;
 
