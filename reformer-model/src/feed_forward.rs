@@ -9,6 +9,7 @@ use burn::tensor::activation;
 use crate::config::{Activation, ReformerConfig};
 use crate::context::{ForwardContext, RandomSite};
 use crate::init::normal_linear;
+use crate::linear;
 
 /// `FF(u) = dropout(W2 act(dropout(W1 LN(u) + b1)) + b2)`, with dropout before the activation
 /// as in Hugging Face's `ChunkReformerFeedForward`.
@@ -67,7 +68,7 @@ impl FeedForward {
     fn forward_slice(&self, x: Tensor<3>, layer: usize, ctx: &ForwardContext, slice: u64) -> Tensor<3> {
         // Each slice draws its own dropout stream; `slice` 0 is the unsliced call.
         let ctx = if slice == 0 { ctx.clone() } else { ForwardContext { seed: crate::context::mix_seed(&[ctx.seed, slice]), ..ctx.clone() } };
-        let h = self.dense.forward(self.layer_norm.forward(x));
+        let h = linear::forward(&self.dense, self.layer_norm.forward(x));
         let h = ctx.dropout(h, self.dropout, layer, RandomSite::FeedForwardInner);
         let h = match self.activation {
             Activation::Relu => activation::relu(h),
@@ -75,7 +76,7 @@ impl FeedForward {
             Activation::GeluNew => activation::gelu_approximate(h),
             Activation::Silu => activation::silu(h),
         };
-        let out = self.output.forward(h);
+        let out = linear::forward(&self.output, h);
         ctx.dropout(out, self.dropout, layer, RandomSite::FeedForwardOutput)
     }
 }

@@ -20,6 +20,9 @@ pub mod hf;
 #[cfg(test)]
 mod hf_parity;
 mod init;
+// The backend extension names NdArray (see `reversible` below).
+#[allow(deprecated)]
+pub mod linear;
 pub mod loss;
 pub mod memory;
 pub mod model;

@@ -14,6 +14,7 @@ use crate::embeddings::Embeddings;
 use crate::error::{ConfigError, InputError};
 use crate::feed_forward::FeedForward;
 use crate::init::normal_linear;
+use crate::linear;
 use crate::reversible::reversible_layers;
 
 /// Index used for the random streams of the final LayerNorm's dropout, after every layer's.
@@ -83,7 +84,7 @@ impl AttentionBlock {
             (None, Some(local)) => local.forward(normed, mask, layer, ctx),
             (None, None) => unreachable!("an attention block has an LSH or a local attention"),
         };
-        let out = self.output.forward(heads);
+        let out = linear::forward(&self.output, heads);
         Ok(ctx.dropout(out, self.dropout, layer, RandomSite::AttentionOutput))
     }
 }
@@ -243,7 +244,7 @@ impl ReformerLm {
         mask: Option<&KeyMask>,
         ctx: &ForwardContext,
     ) -> Result<Tensor<3>, InputError> {
-        Ok(self.lm_head.forward(self.hidden_states(ids, mask, ctx)?))
+        Ok(linear::forward(&self.lm_head, self.hidden_states(ids, mask, ctx)?))
     }
 
     /// Computes the final hidden states (the output of Hugging Face's `ReformerModel`): the

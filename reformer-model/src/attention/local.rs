@@ -14,6 +14,7 @@ use super::{merge_heads, split_heads};
 use crate::config::ReformerConfig;
 use crate::context::{ForwardContext, KeyMask, RandomSite};
 use crate::init::normal_linear;
+use crate::linear;
 
 /// Settings of one local-attention layer, copied from the model config.
 #[derive(Clone, Debug)]
@@ -85,9 +86,9 @@ impl LocalSelfAttention {
         let [batch_size, seq_len, _] = x.dims();
         let rows = batch_size * s.n_heads;
         let heads = |t: Tensor<3>| split_heads(t, s.n_heads, s.d_head).reshape([rows, seq_len, s.d_head]);
-        let q = heads(self.query.forward(x.clone()));
-        let k = heads(self.key.forward(x.clone())) / (s.d_head as f64).sqrt();
-        let v = heads(self.value.forward(x));
+        let q = heads(linear::forward(&self.query, x.clone()));
+        let k = heads(linear::forward(&self.key, x.clone())) / (s.d_head as f64).sqrt();
+        let v = heads(linear::forward(&self.value, x));
 
         // Exact attention is one chunk with no neighbours.
         let (chunk_len, before, after) = if seq_len <= s.chunk_len {

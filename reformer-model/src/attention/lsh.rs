@@ -21,6 +21,7 @@ use crate::config::{NumBuckets, ReformerConfig};
 use crate::context::{ForwardContext, KeyMask, LshMode, RandomSite, Rotations, mix_seed};
 use crate::error::InputError;
 use crate::init::normal_linear;
+use crate::linear;
 
 /// Epsilon of the key normalisation, fixed at 1e-6 by Hugging Face (`_len_norm`), independent
 /// of `layer_norm_eps`.
@@ -166,8 +167,8 @@ impl LshSelfAttention {
     ) -> Result<Tensor<3>, InputError> {
         let s = &self.settings;
         let [batch_size, seq_len, _] = x.dims();
-        let qk = split_heads(self.query_key.forward(x.clone()), s.n_heads, s.d_head); // [batch_size, n_heads, seq_len, d_head]
-        let v = split_heads(self.value.forward(x), s.n_heads, s.d_head); // [batch_size, n_heads, seq_len, d_head]
+        let qk = split_heads(linear::forward(&self.query_key, x.clone()), s.n_heads, s.d_head); // [batch_size, n_heads, seq_len, d_head]
+        let v = split_heads(linear::forward(&self.value, x), s.n_heads, s.d_head); // [batch_size, n_heads, seq_len, d_head]
 
         let out = if seq_len <= s.chunk_len || ctx.lsh_mode == LshMode::Full {
             self.attend_full(qk, v, mask, layer, ctx)
