@@ -9,7 +9,7 @@ use burn::tensor::activation;
 use crate::config::{Activation, ReformerConfig};
 use crate::context::{ForwardContext, RandomSite};
 use crate::init::normal_linear;
-use crate::linear;
+use crate::{linear, norm};
 
 /// `FF(u) = dropout(W2 act(dropout(W1 LN(u) + b1)) + b2)`, with dropout before the activation
 /// as in Hugging Face's `ChunkReformerFeedForward`.
@@ -27,6 +27,9 @@ pub struct FeedForward {
     pub dropout: f64,
     #[module(skip)]
     activation: Activation,
+    /// Epsilon of `layer_norm` (`layer_norm_eps`).
+    #[module(skip)]
+    layer_norm_eps: f64,
 }
 
 impl FeedForward {
@@ -41,6 +44,7 @@ impl FeedForward {
             chunk_size: config.chunk_size_feed_forward,
             dropout: config.hidden_dropout_prob,
             activation: config.hidden_act,
+            layer_norm_eps: config.layer_norm_eps,
         }
     }
 
@@ -68,7 +72,7 @@ impl FeedForward {
     fn forward_slice(&self, x: Tensor<3>, layer: usize, ctx: &ForwardContext, slice: u64) -> Tensor<3> {
         // Each slice draws its own dropout stream; `slice` 0 is the unsliced call.
         let ctx = if slice == 0 { ctx.clone() } else { ForwardContext { seed: crate::context::mix_seed(&[ctx.seed, slice]), ..ctx.clone() } };
-        let h = linear::forward(&self.dense, self.layer_norm.forward(x));
+        let h = linear::forward(&self.dense, norm::forward(&self.layer_norm, self.layer_norm_eps, x));
         let h = ctx.dropout(h, self.dropout, layer, RandomSite::FeedForwardInner);
         let h = match self.activation {
             Activation::Relu => activation::relu(h),

@@ -26,6 +26,9 @@ pub mod linear;
 pub mod loss;
 pub mod memory;
 pub mod model;
+// The backend extension names NdArray (see `reversible` below).
+#[allow(deprecated)]
+pub mod norm;
 // The backend extension names NdArray, deprecated upstream in favour of Flex; both stay
 // selectable, and the code the extension macro generates takes no item-level `allow`.
 #[allow(deprecated)]

@@ -14,7 +14,7 @@ use crate::embeddings::Embeddings;
 use crate::error::{ConfigError, InputError};
 use crate::feed_forward::FeedForward;
 use crate::init::normal_linear;
-use crate::linear;
+use crate::{linear, norm};
 use crate::reversible::reversible_layers;
 
 /// Index used for the random streams of the final LayerNorm's dropout, after every layer's.
@@ -33,6 +33,9 @@ pub struct AttentionBlock {
     pub output: Linear,
     /// Dropout probability after `W_o` (`hidden_dropout_prob`).
     pub dropout: f64,
+    /// Epsilon of `layer_norm` (`layer_norm_eps`).
+    #[module(skip)]
+    layer_norm_eps: f64,
 }
 
 impl AttentionBlock {
@@ -45,6 +48,7 @@ impl AttentionBlock {
             local: (kind == AttentionKind::Local).then(|| LocalSelfAttention::new(config, rng, device)),
             output: normal_linear(config.all_head_size(), config.hidden_size, false, config.initializer_range, rng, device),
             dropout: config.hidden_dropout_prob,
+            layer_norm_eps: config.layer_norm_eps,
         }
     }
 
@@ -64,7 +68,15 @@ impl AttentionBlock {
         if self.lsh.is_some() && ctx.lsh_mode == LshMode::Ablated {
             return Ok(z.zeros_like());
         }
-        self.forward_normed(self.layer_norm.forward(z), mask, layer, ctx)
+        self.forward_normed(self.normalise(z), mask, layer, ctx)
+    }
+
+    /// Applies the block's LayerNorm.
+    ///
+    /// # Shapes
+    /// - `z`, output: `[batch_size, seq_len, d_model]`
+    pub fn normalise(&self, z: Tensor<3>) -> Tensor<3> {
+        norm::forward(&self.layer_norm, self.layer_norm_eps, z)
     }
 
     /// Runs the block on input already normalised by its LayerNorm (ablation is the caller's).
@@ -328,7 +340,7 @@ impl ReformerLm {
         } else {
             run_layers(&self.layers, x, mask, ctx)?
         };
-        let hidden = self.layer_norm.forward(streams);
+        let hidden = norm::forward(&self.layer_norm, self.config.layer_norm_eps, streams);
         Ok(ctx.dropout(hidden, self.config.hidden_dropout_prob, FINAL_NORM_STREAM, RandomSite::FinalNorm))
     }
 
