@@ -443,9 +443,14 @@ mod tests {
     /// Builds a plan over 4 rows with a random order per round (a permutation of the
     /// positions) for LSH, padding on the last batch entry and dropout when requested.
     fn plan(n_rounds: usize, causal: bool, self_mask: bool, padded: bool, dropout: bool, seed: u64) -> ChunkPlan {
+        plan_of_length(24, n_rounds, causal, self_mask, padded, dropout, seed)
+    }
+
+    /// Builds a plan as [`plan`] does, for sequences of `seq_len` positions.
+    fn plan_of_length(seq_len: usize, n_rounds: usize, causal: bool, self_mask: bool, padded: bool, dropout: bool, seed: u64) -> ChunkPlan {
         use rand::seq::SliceRandom;
         use rand::{Rng, SeedableRng};
-        let (batch_size, n_heads, seq_len, chunk_len) = (2, 2, 24, 4);
+        let (batch_size, n_heads, chunk_len) = (2, 2, 4);
         let rows = batch_size * n_heads;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let order = (n_rounds > 1 || self_mask).then(|| {
@@ -469,7 +474,7 @@ mod tests {
             order,
             causal,
             self_mask,
-            padding: padded.then(|| KeyMask::from_lengths(&[seq_len, seq_len - 7], seq_len)),
+            padding: padded.then(|| KeyMask::from_lengths(&[seq_len, seq_len / 2], seq_len)),
             dropout: None,
         };
         if dropout {
@@ -492,6 +497,10 @@ mod tests {
             ("lsh with dropout", plan(2, true, true, true, true, 3)),
             ("local causal padded", plan(1, true, false, true, false, 4)),
             ("local bidirectional with dropout", plan(1, false, false, false, true, 5)),
+            // Two chunks that look one back and one ahead: each window contains the other
+            // chunk twice.
+            ("local window wider than the sequence", plan_of_length(8, 1, false, false, true, false, 6)),
+            ("lsh window wider than the sequence", plan_of_length(4, 2, false, true, true, false, 7)),
         ]
     }
 

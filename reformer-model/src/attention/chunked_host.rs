@@ -14,6 +14,7 @@
 use rayon::prelude::*;
 
 use super::chunked::ChunkPlan;
+use super::{MASK_VALUE, SELF_MASK_VALUE};
 
 /// Lowest exponent of the softmax exponentials, as in the tensor version
 /// ([`super::softmax_with_lse`]).
@@ -35,7 +36,7 @@ pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], plan: &ChunkPlan) -> Vec<
             |scratch, (g, out)| {
                 let (row, chunk) = (g / n_chunks, g % n_chunks);
                 scratch.load(plan, q, k, v, row, chunk);
-                scratch.probabilities(plan, row);
+                scratch.probabilities(plan);
                 scratch.apply_dropout(plan, g);
                 // out[i, ..d] = probs[i, :] · values; the logsumexp goes in column d.
                 let probs = scratch.dropped(plan);
@@ -113,10 +114,12 @@ struct Scratch {
     query_positions: Vec<u32>,
     /// Original positions of the window's keys, `[window]`.
     key_positions: Vec<u32>,
+    /// Whether each of the window's keys is padding, `[window]`.
+    key_padded: Vec<bool>,
     /// Queries, `[chunk_len, d_head]`.
     queries: Vec<f32>,
-    /// Keys, transposed: `[d_head, window]`.
-    keys_t: Vec<f32>,
+    /// Keys, `[window, d_head]`.
+    keys: Vec<f32>,
     /// Values, `[window, d_head]`.
     values: Vec<f32>,
     /// Scores, then probabilities, `[chunk_len, window]`.
@@ -144,8 +147,9 @@ impl Scratch {
         Self {
             query_positions: vec![0; chunk_len],
             key_positions: vec![0; window],
+            key_padded: vec![false; window],
             queries: vec![0.0; chunk_len * d],
-            keys_t: vec![0.0; d * window],
+            keys: vec![0.0; window * d],
             values: vec![0.0; window * d],
             probs: vec![0.0; chunk_len * window],
             dropped: Vec::new(),
@@ -161,38 +165,33 @@ impl Scratch {
 
     /// Gathers chunk `chunk` of row `row`: its queries, and its window's keys and values.
     fn load(&mut self, plan: &ChunkPlan, q: &[f32], k: &[f32], v: &[f32], row: usize, chunk: usize) {
-        let (d, window, base) = (plan.d_head, plan.window(), row * plan.seq_len);
+        let (d, base) = (plan.d_head, row * plan.seq_len);
         for i in 0..plan.chunk_len {
             let position = plan.position(row, chunk * plan.chunk_len + i);
             self.query_positions[i] = position;
             let source = (base + position as usize) * d;
             self.queries[i * d..(i + 1) * d].copy_from_slice(&q[source..source + d]);
         }
+        let batch = row / plan.n_heads;
         for (j, slot) in plan.window_slots(chunk).enumerate() {
             let position = plan.position(row, slot);
             self.key_positions[j] = position;
+            self.key_padded[j] = plan.padding.as_ref().is_some_and(|mask| !mask.is_valid(batch, position as usize));
             let source = (base + position as usize) * d;
-            for (c, &value) in k[source..source + d].iter().enumerate() {
-                self.keys_t[c * window + j] = value;
-            }
+            self.keys[j * d..(j + 1) * d].copy_from_slice(&k[source..source + d]);
             self.values[j * d..(j + 1) * d].copy_from_slice(&v[source..source + d]);
         }
     }
 
     /// Computes the loaded chunk's scores, replaces the disallowed ones and turns each
     /// query's row into probabilities, keeping its logsumexp.
-    fn probabilities(&mut self, plan: &ChunkPlan, row: usize) {
+    fn probabilities(&mut self, plan: &ChunkPlan) {
         let (chunk_len, window, d) = (plan.chunk_len, plan.window(), plan.d_head);
-        matmul(chunk_len, window, d, &mut self.probs, window, &self.queries, (d, 1), &self.keys_t, (window, 1));
+        matmul(chunk_len, window, d, &mut self.probs, window, &self.queries, (d, 1), &self.keys, (1, d));
+        let keys = Keys { positions: &self.key_positions, padded: &self.key_padded, causal: plan.causal, self_mask: plan.self_mask };
         for i in 0..chunk_len {
             let scores = &mut self.probs[i * window..(i + 1) * window];
-            let query = self.query_positions[i];
-            for (score, &key) in scores.iter_mut().zip(&self.key_positions) {
-                if let Some(replacement) = plan.replacement(row, query, key) {
-                    *score = replacement;
-                }
-            }
-            self.lse[i] = softmax_in_place(scores);
+            self.lse[i] = mask_softmax(scores, self.query_positions[i], &keys);
         }
     }
 
@@ -219,7 +218,7 @@ impl Scratch {
         let width = d + 1;
         let g = row * plan.n_chunks() + chunk;
         self.load(plan, q, k, v, row, chunk);
-        self.probabilities(plan, row);
+        self.probabilities(plan);
         self.apply_dropout(plan, g);
 
         // Gradients of this chunk's outputs and logsumexps, read at (row, round, position).
@@ -249,19 +248,16 @@ impl Scratch {
 
         // Softmax with logsumexp: dS = P * (dP - sum(P * dP) + dlse), zero where a score was
         // replaced (it no longer depends on the query or key).
+        let keys = Keys { positions: &self.key_positions, padded: &self.key_padded, causal: plan.causal, self_mask: plan.self_mask };
         for i in 0..chunk_len {
             let probs = &self.probs[i * window..(i + 1) * window];
             let grads = &mut self.grad_scores[i * window..(i + 1) * window];
-            let shift = self.grad_lse[i] - dot(probs, grads);
-            let query = self.query_positions[i];
-            for ((gs, &p), &key) in grads.iter_mut().zip(probs).zip(&self.key_positions) {
-                *gs = if plan.replacement(row, query, key).is_some() { 0.0 } else { p * (*gs + shift) };
-            }
+            score_grads(grads, probs, self.grad_lse[i], self.query_positions[i], &keys);
         }
 
         // dQ = dS · K and dK = dS^T · Q.
         self.grad_queries.resize(chunk_len * d, 0.0);
-        matmul(chunk_len, d, window, &mut self.grad_queries, d, &self.grad_scores, (window, 1), &self.keys_t, (1, window));
+        matmul(chunk_len, d, window, &mut self.grad_queries, d, &self.grad_scores, (window, 1), &self.keys, (d, 1));
         self.grad_keys.resize(window * d, 0.0);
         matmul(window, d, chunk_len, &mut self.grad_keys, d, &self.grad_scores, (1, window), &self.queries, (d, 1));
 
@@ -342,38 +338,108 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// Turns one row of scores into probabilities in place and returns their logsumexp, as
-/// [`super::softmax_with_lse`] does: `p = exp(s - max) * exp(max - lse)` with
-/// `lse = max + ln(sum(exp(s - max)))` and exponents floored at [`EXP_FLOOR`].
-fn softmax_in_place(scores: &mut [f32]) -> f32 {
+/// The keys of one chunk's window and the rules that replace their scores: the same rules as
+/// [`ChunkPlan::replacement`], with padding looked up once per window.
+struct Keys<'a> {
+    positions: &'a [u32],
+    padded: &'a [bool],
+    causal: bool,
+    self_mask: bool,
+}
+
+/// Replaces the disallowed scores of one query's row, turns the row into probabilities in place
+/// and returns their logsumexp, as [`super::softmax_with_lse`] does: `p = exp(s - max) *
+/// exp(max - lse)` with `lse = max + ln(sum(exp(s - max)))` and exponents floored at
+/// [`EXP_FLOOR`].
+fn mask_softmax(scores: &mut [f32], query: u32, keys: &Keys) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { softmax_avx512(scores) };
+            return unsafe { mask_softmax_avx512(scores, query, keys) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: as above.
-            return unsafe { softmax_avx2(scores) };
+            return unsafe { mask_softmax_avx2(scores, query, keys) };
         }
     }
-    softmax_portable(scores)
+    mask_softmax_portable(scores, query, keys)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn softmax_avx512(scores: &mut [f32]) -> f32 {
-    softmax_portable(scores)
+fn mask_softmax_avx512(scores: &mut [f32], query: u32, keys: &Keys) -> f32 {
+    mask_softmax_portable(scores, query, keys)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn softmax_avx2(scores: &mut [f32]) -> f32 {
+fn mask_softmax_avx2(scores: &mut [f32], query: u32, keys: &Keys) -> f32 {
+    mask_softmax_portable(scores, query, keys)
+}
+
+/// Computes [`mask_softmax`]. It is inlined into each instruction-set variant, so its loops
+/// vectorise for that set.
+#[inline(always)]
+fn mask_softmax_portable(scores: &mut [f32], query: u32, keys: &Keys) -> f32 {
+    // Selects instead of branches, so that the loop vectorises.
+    for ((score, &key), &padded) in scores.iter_mut().zip(keys.positions).zip(keys.padded) {
+        let disallowed = padded | (keys.causal & (query < key));
+        let own = keys.self_mask & (query == key);
+        let value = if disallowed { MASK_VALUE } else { *score };
+        *score = if own { SELF_MASK_VALUE } else { value };
+    }
     softmax_portable(scores)
 }
 
-/// Computes the softmax of [`softmax_in_place`]. It is inlined into each instruction-set
-/// variant, so its loops vectorise for that set.
+/// Turns the gradient of one query's probabilities into the gradient of its scores, in place:
+/// `dS = P * (dP - sum(P * dP) + dlse)`, zero where a score was replaced (it no longer depends
+/// on the query or key).
+fn score_grads(grads: &mut [f32], probs: &[f32], grad_lse: f32, query: u32, keys: &Keys) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { score_grads_avx512(grads, probs, grad_lse, query, keys) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { score_grads_avx2(grads, probs, grad_lse, query, keys) };
+        }
+    }
+    score_grads_portable(grads, probs, grad_lse, query, keys)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn score_grads_avx512(grads: &mut [f32], probs: &[f32], grad_lse: f32, query: u32, keys: &Keys) {
+    score_grads_portable(grads, probs, grad_lse, query, keys)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn score_grads_avx2(grads: &mut [f32], probs: &[f32], grad_lse: f32, query: u32, keys: &Keys) {
+    score_grads_portable(grads, probs, grad_lse, query, keys)
+}
+
+/// Computes [`score_grads`], inlined into each instruction-set variant.
+#[inline(always)]
+fn score_grads_portable(grads: &mut [f32], probs: &[f32], grad_lse: f32, query: u32, keys: &Keys) {
+    let shift = grad_lse - dot(probs, grads);
+    for (((grad, &p), &key), &padded) in grads.iter_mut().zip(probs).zip(keys.positions).zip(keys.padded) {
+        let replaced = padded | (keys.causal & (query < key)) | (keys.self_mask & (query == key));
+        *grad = if replaced { 0.0 } else { p * (*grad + shift) };
+    }
+}
+
+/// Turns one row of scores into probabilities in place and returns their logsumexp (the
+/// softmax of [`mask_softmax`]).
+#[cfg(test)]
+fn softmax_in_place(scores: &mut [f32]) -> f32 {
+    softmax_portable(scores)
+}
+
+/// Computes the softmax of [`mask_softmax`] on a row whose scores are already replaced.
 #[inline(always)]
 fn softmax_portable(scores: &mut [f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
@@ -421,14 +487,18 @@ fn exp_floored(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer in f32.
     const ROUND: f32 = 12_582_912.0;
     let x = if x < EXP_FLOOR { EXP_FLOOR } else { x };
-    let n = (x * LOG2_E + ROUND) - ROUND;
+    let rounded = x * LOG2_E + ROUND;
+    let n = rounded - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // n lies in [-116, 0] here, so 2^n is a normal f32.
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `rounded` is ROUND + n exactly, so its bits are ROUND's plus n: integer steps give the
+    // exponent bits of 2^n without a float-to-int conversion, which would not vectorise. n lies
+    // in [-116, 0] here, so 2^n is a normal f32.
+    let exponent = rounded.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23;
+    p * f32::from_bits(exponent)
 }
 
 #[cfg(test)]
