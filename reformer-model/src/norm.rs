@@ -155,15 +155,6 @@ mod flex {
         FlexTensor::new(Bytes::from_elems(data), Layout::contiguous(Shape::from(shape)), DType::F32)
     }
 
-    /// Returns a row's mean and inverse standard deviation `1 / sqrt(var + epsilon)`, with the
-    /// biased variance.
-    fn moments(row: &[f32], epsilon: f64) -> (f32, f32) {
-        let n = row.len() as f32;
-        let mean = row.iter().sum::<f32>() / n;
-        let variance = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n;
-        (mean, 1.0 / (variance + epsilon as f32).sqrt())
-    }
-
     impl LayerNormOps for Flex {
         fn layer_norm_forward(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
             let [rows, d_model] = x.shape().dims::<2>();
@@ -171,12 +162,7 @@ mod flex {
             let (x_values, gamma, beta) = (values(&x), values(&gamma), values(&beta));
             let mut out = vec![0f32; rows * d_model];
             out.par_chunks_mut(BLOCK_ROWS * d_model).zip(x_values.par_chunks(BLOCK_ROWS * d_model)).for_each(|(out, x)| {
-                for (out, x) in out.chunks_exact_mut(d_model).zip(x.chunks_exact(d_model)) {
-                    let (mean, rstd) = moments(x, epsilon);
-                    for (((y, &x), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
-                        *y = (x - mean) * rstd * g + b;
-                    }
-                }
+                kernels::forward_rows(out, x, gamma, beta, epsilon as f32);
             });
             tensor(out, vec![rows, d_model])
         }
@@ -199,23 +185,7 @@ mod flex {
                 .zip(grad.par_chunks(block))
                 .map(|((grad_x, x), grad)| {
                     let mut sums = vec![0f32; 2 * d_model];
-                    let mut x_hat = vec![0f32; d_model];
-                    for ((grad_x, x), grad) in grad_x.chunks_exact_mut(d_model).zip(x.chunks_exact(d_model)).zip(grad.chunks_exact(d_model)) {
-                        let (mean, rstd) = moments(x, epsilon);
-                        let (mut mean_g, mut mean_g_x_hat) = (0f32, 0f32);
-                        for (((h, &x), &dy), &g) in x_hat.iter_mut().zip(x).zip(grad).zip(gamma) {
-                            *h = (x - mean) * rstd;
-                            mean_g += dy * g;
-                            mean_g_x_hat += dy * g * *h;
-                        }
-                        mean_g /= d_model as f32;
-                        mean_g_x_hat /= d_model as f32;
-                        for (c, ((dx, &h), &dy)) in grad_x.iter_mut().zip(&x_hat).zip(grad).enumerate() {
-                            *dx = rstd * (dy * gamma[c] - mean_g - h * mean_g_x_hat);
-                            sums[c] += dy * h;
-                            sums[d_model + c] += dy;
-                        }
-                    }
+                    kernels::backward_rows(grad_x, &mut sums, x, grad, gamma, epsilon as f32);
                     sums
                 })
                 .collect();
@@ -227,6 +197,142 @@ mod flex {
             }
             let grad_beta = sums.split_off(d_model);
             (tensor(grad_x, vec![rows, d_model]), tensor(sums, vec![d_model]), tensor(grad_beta, vec![d_model]))
+        }
+    }
+
+    /// The row loops, compiled for AVX-512, for AVX2 with FMA and without either; the one the CPU
+    /// supports is picked at run time.
+    mod kernels {
+        /// Normalises each row of `x` (`[rows, d_model]`) into `out`.
+        pub(super) fn forward_rows(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the features the function is compiled for.
+                    return unsafe { forward_avx512(out, x, gamma, beta, epsilon) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { forward_avx2(out, x, gamma, beta, epsilon) };
+                }
+            }
+            forward_portable(out, x, gamma, beta, epsilon)
+        }
+
+        /// Writes each row's input gradient into `grad_x` and adds the scale and shift gradients
+        /// into `sums` (`[dgamma; dbeta]`, `2 * d_model`).
+        pub(super) fn backward_rows(grad_x: &mut [f32], sums: &mut [f32], x: &[f32], grad: &[f32], gamma: &[f32], epsilon: f32) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the features the function is compiled for.
+                    return unsafe { backward_avx512(grad_x, sums, x, grad, gamma, epsilon) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { backward_avx2(grad_x, sums, x, grad, gamma, epsilon) };
+                }
+            }
+            backward_portable(grad_x, sums, x, grad, gamma, epsilon)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        fn forward_avx512(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32) {
+            forward_portable(out, x, gamma, beta, epsilon)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn forward_avx2(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32) {
+            forward_portable(out, x, gamma, beta, epsilon)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        fn backward_avx512(grad_x: &mut [f32], sums: &mut [f32], x: &[f32], grad: &[f32], gamma: &[f32], epsilon: f32) {
+            backward_portable(grad_x, sums, x, grad, gamma, epsilon)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn backward_avx2(grad_x: &mut [f32], sums: &mut [f32], x: &[f32], grad: &[f32], gamma: &[f32], epsilon: f32) {
+            backward_portable(grad_x, sums, x, grad, gamma, epsilon)
+        }
+
+        #[inline(always)]
+        fn forward_portable(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32) {
+            let d_model = gamma.len();
+            for (out, x) in out.chunks_exact_mut(d_model).zip(x.chunks_exact(d_model)) {
+                let (mean, rstd) = moments(x, epsilon);
+                for (((y, &x), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
+                    *y = (x - mean) * rstd * g + b;
+                }
+            }
+        }
+
+        /// With `x_hat = (x - mean) * rstd` and `g = grad * gamma`:
+        /// `dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))`.
+        #[inline(always)]
+        fn backward_portable(grad_x: &mut [f32], sums: &mut [f32], x: &[f32], grad: &[f32], gamma: &[f32], epsilon: f32) {
+            let d_model = gamma.len();
+            let (grad_gamma, grad_beta) = sums.split_at_mut(d_model);
+            let mut x_hat = vec![0f32; d_model];
+            let mut scaled = vec![0f32; d_model];
+            for ((grad_x, x), grad) in grad_x.chunks_exact_mut(d_model).zip(x.chunks_exact(d_model)).zip(grad.chunks_exact(d_model)) {
+                let (mean, rstd) = moments(x, epsilon);
+                for ((((h, s), &x), &dy), &g) in x_hat.iter_mut().zip(scaled.iter_mut()).zip(x).zip(grad).zip(gamma) {
+                    *h = (x - mean) * rstd;
+                    *s = dy * g;
+                }
+                let mean_scaled = lane_sum(&scaled, |s| s) / d_model as f32;
+                let mean_scaled_x_hat = lane_dot(&scaled, &x_hat) / d_model as f32;
+                for (((((dx, &h), &s), &dy), dg), db) in
+                    grad_x.iter_mut().zip(&x_hat).zip(&scaled).zip(grad).zip(grad_gamma.iter_mut()).zip(grad_beta.iter_mut())
+                {
+                    *dx = rstd * (s - mean_scaled - h * mean_scaled_x_hat);
+                    *dg += dy * h;
+                    *db += dy;
+                }
+            }
+        }
+
+        /// Returns a row's mean and inverse standard deviation `1 / sqrt(var + epsilon)`, with the
+        /// biased variance.
+        #[inline(always)]
+        fn moments(row: &[f32], epsilon: f32) -> (f32, f32) {
+            let n = row.len() as f32;
+            let mean = lane_sum(row, |x| x) / n;
+            let variance = lane_sum(row, |x| (x - mean) * (x - mean)) / n;
+            (mean, 1.0 / (variance + epsilon).sqrt())
+        }
+
+        /// Returns `sum(f(a))`, added in sixteen partial sums so that the loop vectorises.
+        #[inline(always)]
+        fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+            let mut lanes = [0f32; 16];
+            let chunks = a.chunks_exact(16);
+            let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+            for chunk in chunks {
+                for l in 0..16 {
+                    lanes[l] += f(chunk[l]);
+                }
+            }
+            lanes.iter().sum::<f32>() + tail
+        }
+
+        /// Returns `sum(a * b)`, added in sixteen partial sums.
+        #[inline(always)]
+        fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+            let mut lanes = [0f32; 16];
+            let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
+            let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+            for (x, y) in a_chunks.zip(b_chunks) {
+                for l in 0..16 {
+                    lanes[l] += x[l] * y[l];
+                }
+            }
+            lanes.iter().sum::<f32>() + tail
         }
     }
 }
