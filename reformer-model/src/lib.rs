@@ -17,6 +17,8 @@ pub mod embeddings;
 pub mod error;
 pub mod feed_forward;
 pub mod hf;
+#[cfg(feature = "flex")]
+mod host;
 #[cfg(test)]
 mod hf_parity;
 mod init;

@@ -100,56 +100,45 @@ where
     (primitive(grad.clone().matmul(weight.transpose())), primitive(x.transpose().matmul(grad)), grad_bias)
 }
 
+/// Implements the operation with Burn's tensor operations, for backends without a kernel of
+/// their own.
+macro_rules! composed_backend {
+    ($backend:ty) => {
+        impl LinearOps for $backend {
+            fn linear_forward(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+                composed_forward::<Self>(x, weight, None)
+            }
+
+            fn linear_forward_with_bias(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+                composed_forward::<Self>(x, weight, Some(bias))
+            }
+
+            fn linear_backward(
+                x: FloatTensor<Self>,
+                weight: FloatTensor<Self>,
+                grad: FloatTensor<Self>,
+                with_bias: bool,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<FloatTensor<Self>>) {
+                composed_backward::<Self>(x, weight, grad, with_bias)
+            }
+        }
+    };
+}
+
 #[cfg(feature = "ndarray")]
-impl LinearOps for burn::backend::NdArray {
-    fn linear_forward(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-        composed_forward::<Self>(x, weight, None)
-    }
-
-    fn linear_forward_with_bias(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
-        composed_forward::<Self>(x, weight, Some(bias))
-    }
-
-    fn linear_backward(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        with_bias: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        composed_backward::<Self>(x, weight, grad, with_bias)
-    }
-}
-
+composed_backend!(burn::backend::NdArray);
 #[cfg(feature = "wgpu")]
-impl LinearOps for burn::backend::Cube {
-    fn linear_forward(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-        composed_forward::<Self>(x, weight, None)
-    }
-
-    fn linear_forward_with_bias(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
-        composed_forward::<Self>(x, weight, Some(bias))
-    }
-
-    fn linear_backward(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        with_bias: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        composed_backward::<Self>(x, weight, grad, with_bias)
-    }
-}
+composed_backend!(burn::backend::Cube);
 
 #[cfg(feature = "flex")]
 mod flex {
-    use burn::backend::Flex;
     use burn::backend::tensor::FloatTensor;
-    use burn::backend::TensorMetadata;
-    use burn::tensor::{Bytes, DType, Shape};
-    use burn_flex::{FlexTensor, Layout};
+    use burn::backend::{Flex, TensorMetadata};
+    use burn_flex::FlexTensor;
     use rayon::prelude::*;
 
     use super::LinearOps;
+    use crate::host::{Operand, contiguous, matmul, tensor, values};
 
     /// Products with at least this many multiply-adds split across threads; smaller ones (a
     /// decoding step's single row) run on the calling thread.
@@ -157,72 +146,6 @@ mod flex {
 
     /// Rows per partial sum of the bias gradient.
     const BIAS_ROWS: usize = 1024;
-
-    fn contiguous(tensor: &FlexTensor) -> FlexTensor {
-        assert_eq!(tensor.dtype(), DType::F32, "the linear kernel runs on f32 tensors");
-        if tensor.as_slice::<f32>().is_some() { tensor.clone() } else { tensor.to_contiguous() }
-    }
-
-    fn values(tensor: &FlexTensor) -> &[f32] {
-        tensor.as_slice::<f32>().expect("a contiguous f32 tensor")
-    }
-
-    fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-        FlexTensor::new(Bytes::from_elems(data), Layout::contiguous(Shape::from(shape)), DType::F32)
-    }
-
-    /// Computes `dst = lhs · rhs` with row-major `dst` `[m, n]`, or adds the product to `dst`
-    /// with `accumulate`. `lhs` and `rhs` are given with their (row, column) strides.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul(
-        [m, n, k]: [usize; 3],
-        dst: &mut [f32],
-        accumulate: bool,
-        lhs: &[f32],
-        (lhs_rs, lhs_cs): (usize, usize),
-        rhs: &[f32],
-        (rhs_rs, rhs_cs): (usize, usize),
-    ) {
-        let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-        if m == 0 || n == 0 {
-            return;
-        }
-        assert_eq!(dst.len(), m * n, "matmul: dst is not [m, n]");
-        if k == 0 {
-            if !accumulate {
-                dst.fill(0.0);
-            }
-            return;
-        }
-        assert!(last(m, k, lhs_rs, lhs_cs) < lhs.len(), "matmul: lhs too short");
-        assert!(last(k, n, rhs_rs, rhs_cs) < rhs.len(), "matmul: rhs too short");
-        let parallelism = if m * n * k >= PARALLEL_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-        // SAFETY: the asserts above keep every addressed element inside its slice, and `dst`
-        // is a unique borrow that overlaps neither input.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                n as isize,
-                accumulate,
-                lhs.as_ptr(),
-                lhs_cs as isize,
-                lhs_rs as isize,
-                rhs.as_ptr(),
-                rhs_cs as isize,
-                rhs_rs as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
-    }
 
     fn forward(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>) -> FlexTensor {
         let [rows, d_input] = x.shape().dims::<2>();
@@ -237,7 +160,9 @@ mod flex {
             }
             None => vec![0.0; rows * d_output],
         };
-        matmul([rows, d_output, d_input], &mut out, bias.is_some(), values(&x), (d_input, 1), values(&weight), (d_output, 1));
+        let parallel = rows * d_output * d_input >= PARALLEL_WORK;
+        let (x, weight) = (Operand::rows(values(&x), d_input), Operand::rows(values(&weight), d_output));
+        matmul([rows, d_output, d_input], &mut out, d_output, bias.is_some(), x, weight, parallel);
         tensor(out, vec![rows, d_output])
     }
 
@@ -263,9 +188,10 @@ mod flex {
 
             // dx = grad · W^T and dW = x^T · grad.
             let mut grad_x = vec![0.0; rows * d_input];
-            matmul([rows, d_input, d_output], &mut grad_x, false, grad, (d_output, 1), weight, (1, d_output));
+            let parallel = rows * d_output * d_input >= PARALLEL_WORK;
+            matmul([rows, d_input, d_output], &mut grad_x, d_input, false, Operand::rows(grad, d_output), Operand::transposed(weight, d_output), parallel);
             let mut grad_weight = vec![0.0; d_input * d_output];
-            matmul([d_input, d_output, rows], &mut grad_weight, false, x, (1, d_input), grad, (d_output, 1));
+            matmul([d_input, d_output, rows], &mut grad_weight, d_output, false, Operand::transposed(x, d_input), Operand::rows(grad, d_output), parallel);
 
             // db = column sums of grad, in blocks of rows summed in parallel.
             let grad_bias = with_bias.then(|| {

@@ -97,63 +97,43 @@ where
     (grad_x.try_into_primitive::<B>().expect("gradients live on the backend of the input"), primitive(grad_gamma), primitive(grad_beta))
 }
 
+/// Implements the operation with Burn's tensor operations, for backends without a kernel of
+/// their own.
+macro_rules! composed_backend {
+    ($backend:ty) => {
+        impl LayerNormOps for $backend {
+            fn layer_norm_forward(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+                composed_forward::<Self>(x, gamma, beta, epsilon)
+            }
+
+            fn layer_norm_backward(
+                x: FloatTensor<Self>,
+                gamma: FloatTensor<Self>,
+                grad: FloatTensor<Self>,
+                epsilon: f64,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+                composed_backward::<Self>(x, gamma, grad, epsilon)
+            }
+        }
+    };
+}
+
 #[cfg(feature = "ndarray")]
-impl LayerNormOps for burn::backend::NdArray {
-    fn layer_norm_forward(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
-        composed_forward::<Self>(x, gamma, beta, epsilon)
-    }
-
-    fn layer_norm_backward(
-        x: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        epsilon: f64,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        composed_backward::<Self>(x, gamma, grad, epsilon)
-    }
-}
-
+composed_backend!(burn::backend::NdArray);
 #[cfg(feature = "wgpu")]
-impl LayerNormOps for burn::backend::Cube {
-    fn layer_norm_forward(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
-        composed_forward::<Self>(x, gamma, beta, epsilon)
-    }
-
-    fn layer_norm_backward(
-        x: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        epsilon: f64,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        composed_backward::<Self>(x, gamma, grad, epsilon)
-    }
-}
+composed_backend!(burn::backend::Cube);
 
 #[cfg(feature = "flex")]
 mod flex {
     use burn::backend::tensor::FloatTensor;
     use burn::backend::{Flex, TensorMetadata};
-    use burn::tensor::{Bytes, DType, Shape};
-    use burn_flex::{FlexTensor, Layout};
     use rayon::prelude::*;
 
     use super::LayerNormOps;
+    use crate::host::{contiguous, tensor, values};
 
     /// Rows per parallel task, and per partial sum of the scale and shift gradients.
     const BLOCK_ROWS: usize = 256;
-
-    fn contiguous(tensor: &FlexTensor) -> FlexTensor {
-        assert_eq!(tensor.dtype(), DType::F32, "the layer norm kernel runs on f32 tensors");
-        if tensor.as_slice::<f32>().is_some() { tensor.clone() } else { tensor.to_contiguous() }
-    }
-
-    fn values(tensor: &FlexTensor) -> &[f32] {
-        tensor.as_slice::<f32>().expect("a contiguous f32 tensor")
-    }
-
-    fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-        FlexTensor::new(Bytes::from_elems(data), Layout::contiguous(Shape::from(shape)), DType::F32)
-    }
 
     impl LayerNormOps for Flex {
         fn layer_norm_forward(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
@@ -203,61 +183,17 @@ mod flex {
     /// The row loops, compiled for AVX-512, for AVX2 with FMA and without either; the one the CPU
     /// supports is picked at run time.
     mod kernels {
-        /// Normalises each row of `x` (`[rows, d_model]`) into `out`.
-        pub(super) fn forward_rows(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports the features the function is compiled for.
-                    return unsafe { forward_avx512(out, x, gamma, beta, epsilon) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: as above.
-                    return unsafe { forward_avx2(out, x, gamma, beta, epsilon) };
-                }
-            }
-            forward_portable(out, x, gamma, beta, epsilon)
+        use crate::host::{dispatch_simd, lane_dot, lane_sum};
+
+        dispatch_simd! {
+            /// Normalises each row of `x` (`[rows, d_model]`) into `out`.
+            pub(super) fn forward_rows(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32) => forward_portable
         }
 
-        /// Writes each row's input gradient into `grad_x` and adds the scale and shift gradients
-        /// into `sums` (`[dgamma; dbeta]`, `2 * d_model`).
-        pub(super) fn backward_rows(grad_x: &mut [f32], sums: &mut [f32], x: &[f32], grad: &[f32], gamma: &[f32], epsilon: f32) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports the features the function is compiled for.
-                    return unsafe { backward_avx512(grad_x, sums, x, grad, gamma, epsilon) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: as above.
-                    return unsafe { backward_avx2(grad_x, sums, x, grad, gamma, epsilon) };
-                }
-            }
-            backward_portable(grad_x, sums, x, grad, gamma, epsilon)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f")]
-        fn forward_avx512(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32) {
-            forward_portable(out, x, gamma, beta, epsilon)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        fn forward_avx2(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32) {
-            forward_portable(out, x, gamma, beta, epsilon)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f")]
-        fn backward_avx512(grad_x: &mut [f32], sums: &mut [f32], x: &[f32], grad: &[f32], gamma: &[f32], epsilon: f32) {
-            backward_portable(grad_x, sums, x, grad, gamma, epsilon)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        fn backward_avx2(grad_x: &mut [f32], sums: &mut [f32], x: &[f32], grad: &[f32], gamma: &[f32], epsilon: f32) {
-            backward_portable(grad_x, sums, x, grad, gamma, epsilon)
+        dispatch_simd! {
+            /// Writes each row's input gradient into `grad_x` and adds the scale and shift
+            /// gradients into `sums` (`[dgamma; dbeta]`, `2 * d_model`).
+            pub(super) fn backward_rows(grad_x: &mut [f32], sums: &mut [f32], x: &[f32], grad: &[f32], gamma: &[f32], epsilon: f32) => backward_portable
         }
 
         #[inline(always)]
@@ -305,34 +241,6 @@ mod flex {
             let mean = lane_sum(row, |x| x) / n;
             let variance = lane_sum(row, |x| (x - mean) * (x - mean)) / n;
             (mean, 1.0 / (variance + epsilon).sqrt())
-        }
-
-        /// Returns `sum(f(a))`, added in sixteen partial sums so that the loop vectorises.
-        #[inline(always)]
-        fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-            let mut lanes = [0f32; 16];
-            let chunks = a.chunks_exact(16);
-            let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
-            for chunk in chunks {
-                for l in 0..16 {
-                    lanes[l] += f(chunk[l]);
-                }
-            }
-            lanes.iter().sum::<f32>() + tail
-        }
-
-        /// Returns `sum(a * b)`, added in sixteen partial sums.
-        #[inline(always)]
-        fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
-            let mut lanes = [0f32; 16];
-            let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
-            let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
-            for (x, y) in a_chunks.zip(b_chunks) {
-                for l in 0..16 {
-                    lanes[l] += x[l] * y[l];
-                }
-            }
-            lanes.iter().sum::<f32>() + tail
         }
     }
 }

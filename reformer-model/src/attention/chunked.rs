@@ -292,63 +292,41 @@ where
     (take(q), take(k), take(v))
 }
 
+/// Implements the operation with Burn's tensor operations, for backends without a kernel of
+/// their own.
+macro_rules! composed_backend {
+    ($backend:ty) => {
+        impl ChunkedAttentionOps for $backend {
+            fn chunked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, plan: ChunkPlan) -> FloatTensor<Self> {
+                composed_primitive::<Self>(q, k, v, &plan)
+            }
+
+            fn chunked_attention_backward(
+                q: FloatTensor<Self>,
+                k: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                grad: FloatTensor<Self>,
+                plan: ChunkPlan,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+                composed_backward::<Self>(q, k, v, grad, &plan)
+            }
+        }
+    };
+}
+
 #[cfg(feature = "ndarray")]
-impl ChunkedAttentionOps for burn::backend::NdArray {
-    fn chunked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, plan: ChunkPlan) -> FloatTensor<Self> {
-        composed_primitive::<Self>(q, k, v, &plan)
-    }
-
-    fn chunked_attention_backward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        plan: ChunkPlan,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        composed_backward::<Self>(q, k, v, grad, &plan)
-    }
-}
-
+composed_backend!(burn::backend::NdArray);
 #[cfg(feature = "wgpu")]
-impl ChunkedAttentionOps for burn::backend::Cube {
-    fn chunked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, plan: ChunkPlan) -> FloatTensor<Self> {
-        composed_primitive::<Self>(q, k, v, &plan)
-    }
-
-    fn chunked_attention_backward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        plan: ChunkPlan,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        composed_backward::<Self>(q, k, v, grad, &plan)
-    }
-}
+composed_backend!(burn::backend::Cube);
 
 #[cfg(feature = "flex")]
 mod flex {
-    use burn::backend::tensor::FloatTensor;
     use burn::backend::Flex;
-    use burn::tensor::{Bytes, DType, Shape};
-    use burn_flex::{FlexTensor, Layout};
+    use burn::backend::tensor::FloatTensor;
 
     use super::{ChunkPlan, ChunkedAttentionOps};
     use crate::attention::chunked_host;
-
-    /// Reads a float tensor's values in row-major order, copying only when it is a strided view.
-    fn contiguous(tensor: &FlexTensor) -> FlexTensor {
-        assert_eq!(tensor.dtype(), DType::F32, "the chunked attention kernel runs on f32 tensors");
-        if tensor.is_contiguous() && tensor.as_slice::<f32>().is_some() { tensor.clone() } else { tensor.to_contiguous() }
-    }
-
-    fn values(tensor: &FlexTensor) -> &[f32] {
-        tensor.as_slice::<f32>().expect("a contiguous f32 tensor")
-    }
-
-    fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-        FlexTensor::new(Bytes::from_elems(data), Layout::contiguous(Shape::from(shape)), DType::F32)
-    }
+    use crate::host::{contiguous, tensor, values};
 
     impl ChunkedAttentionOps for Flex {
         fn chunked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, plan: ChunkPlan) -> FloatTensor<Self> {

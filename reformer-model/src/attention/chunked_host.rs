@@ -14,6 +14,7 @@
 use rayon::prelude::*;
 
 use super::chunked::ChunkPlan;
+use crate::host::{Operand, dispatch_simd, lane_dot, matmul};
 use super::{MASK_VALUE, SELF_MASK_VALUE};
 
 /// Lowest exponent of the softmax exponentials, as in the tensor version
@@ -40,7 +41,7 @@ pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], plan: &ChunkPlan) -> Vec<
                 scratch.apply_dropout(plan, g);
                 // out[i, ..d] = probs[i, :] · values; the logsumexp goes in column d.
                 let probs = scratch.dropped(plan);
-                matmul(chunk_len, d, plan.window(), out, width, probs, (plan.window(), 1), &scratch.values, (d, 1));
+                matmul([chunk_len, d, plan.window()], out, width, false, Operand::rows(probs, plan.window()), Operand::rows(&scratch.values, d), false);
                 for (i, lse) in scratch.lse.iter().enumerate() {
                     out[i * width + d] = *lse;
                 }
@@ -187,7 +188,7 @@ impl Scratch {
     /// query's row into probabilities, keeping its logsumexp.
     fn probabilities(&mut self, plan: &ChunkPlan) {
         let (chunk_len, window, d) = (plan.chunk_len, plan.window(), plan.d_head);
-        matmul(chunk_len, window, d, &mut self.probs, window, &self.queries, (d, 1), &self.keys, (1, d));
+        matmul([chunk_len, window, d], &mut self.probs, window, false, Operand::rows(&self.queries, d), Operand::transposed(&self.keys, d), false);
         let keys = Keys { positions: &self.key_positions, padded: &self.key_padded, causal: plan.causal, self_mask: plan.self_mask };
         for i in 0..chunk_len {
             let scores = &mut self.probs[i * window..(i + 1) * window];
@@ -234,11 +235,11 @@ impl Scratch {
         // dV = dropped^T · dO.
         self.grad_values.resize(window * d, 0.0);
         let dropped = if plan.dropout.is_some() { &self.dropped } else { &self.probs };
-        matmul(window, d, chunk_len, &mut self.grad_values, d, dropped, (1, window), &self.grad_out, (d, 1));
+        matmul([window, d, chunk_len], &mut self.grad_values, d, false, Operand::transposed(dropped, window), Operand::rows(&self.grad_out, d), false);
 
         // dP = (dO · V^T) * dropout factors.
         self.grad_scores.resize(chunk_len * window, 0.0);
-        matmul(chunk_len, window, d, &mut self.grad_scores, window, &self.grad_out, (d, 1), &self.values, (1, d));
+        matmul([chunk_len, window, d], &mut self.grad_scores, window, false, Operand::rows(&self.grad_out, d), Operand::transposed(&self.values, d), false);
         if let Some(factors) = &plan.dropout {
             let size = chunk_len * window;
             for (gp, f) in self.grad_scores.iter_mut().zip(&factors[g * size..(g + 1) * size]) {
@@ -257,9 +258,9 @@ impl Scratch {
 
         // dQ = dS · K and dK = dS^T · Q.
         self.grad_queries.resize(chunk_len * d, 0.0);
-        matmul(chunk_len, d, window, &mut self.grad_queries, d, &self.grad_scores, (window, 1), &self.keys, (d, 1));
+        matmul([chunk_len, d, window], &mut self.grad_queries, d, false, Operand::rows(&self.grad_scores, window), Operand::rows(&self.keys, d), false);
         self.grad_keys.resize(window * d, 0.0);
-        matmul(window, d, chunk_len, &mut self.grad_keys, d, &self.grad_scores, (1, window), &self.queries, (d, 1));
+        matmul([window, d, chunk_len], &mut self.grad_keys, d, false, Operand::transposed(&self.grad_scores, window), Operand::rows(&self.queries, d), false);
 
         add_rows(dq, &self.query_positions, &self.grad_queries, d);
         add_rows(dk, &self.key_positions, &self.grad_keys, d);
@@ -277,67 +278,6 @@ fn add_rows(target: &mut [f32], positions: &[u32], rows: &[f32], d: usize) {
     }
 }
 
-/// Computes `dst[m, n] = lhs[m, k] · rhs[k, n]`. Each input is given by its slice and its (row,
-/// column) strides in elements, and `dst` has row stride `dst_row_stride` and unit column stride.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_row_stride: usize,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(m > 0, "empty matrix product: m = 0");
-    assert!(n > 0, "empty matrix product: n = 0");
-    assert!(k > 0, "empty matrix product: k = 0");
-    assert!(last(m, n, dst_row_stride, 1) < dst.len(), "matmul: dst too short");
-    assert!(last(m, k, lhs_rs, lhs_cs) < lhs.len(), "matmul: lhs too short");
-    assert!(last(k, n, rhs_rs, rhs_cs) < rhs.len(), "matmul: rhs too short");
-    // SAFETY: the asserts above keep every element the strides address inside its slice, and
-    // `dst` is a unique borrow that overlaps neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_row_stride as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
-/// Returns `sum(a * b)`, added in sixteen partial sums so that the loop vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for l in 0..16 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
 /// The keys of one chunk's window and the rules that replace their scores: the same rules as
 /// [`ChunkPlan::replacement`], with padding looked up once per window.
 struct Keys<'a> {
@@ -347,35 +287,12 @@ struct Keys<'a> {
     self_mask: bool,
 }
 
-/// Replaces the disallowed scores of one query's row, turns the row into probabilities in place
-/// and returns their logsumexp, as [`super::softmax_with_lse`] does: `p = exp(s - max) *
-/// exp(max - lse)` with `lse = max + ln(sum(exp(s - max)))` and exponents floored at
-/// [`EXP_FLOOR`].
-fn mask_softmax(scores: &mut [f32], query: u32, keys: &Keys) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { mask_softmax_avx512(scores, query, keys) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { mask_softmax_avx2(scores, query, keys) };
-        }
-    }
-    mask_softmax_portable(scores, query, keys)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn mask_softmax_avx512(scores: &mut [f32], query: u32, keys: &Keys) -> f32 {
-    mask_softmax_portable(scores, query, keys)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn mask_softmax_avx2(scores: &mut [f32], query: u32, keys: &Keys) -> f32 {
-    mask_softmax_portable(scores, query, keys)
+dispatch_simd! {
+    /// Replaces the disallowed scores of one query's row, turns the row into probabilities in
+    /// place and returns their logsumexp, as [`super::softmax_with_lse`] does: `p = exp(s - max)
+    /// * exp(max - lse)` with `lse = max + ln(sum(exp(s - max)))` and exponents floored at
+    /// [`EXP_FLOOR`].
+    fn mask_softmax(scores: &mut [f32], query: u32, keys: &Keys) -> f32 => mask_softmax_portable
 }
 
 /// Computes [`mask_softmax`]. It is inlined into each instruction-set variant, so its loops
@@ -392,40 +309,17 @@ fn mask_softmax_portable(scores: &mut [f32], query: u32, keys: &Keys) -> f32 {
     softmax_portable(scores)
 }
 
-/// Turns the gradient of one query's probabilities into the gradient of its scores, in place:
-/// `dS = P * (dP - sum(P * dP) + dlse)`, zero where a score was replaced (it no longer depends
-/// on the query or key).
-fn score_grads(grads: &mut [f32], probs: &[f32], grad_lse: f32, query: u32, keys: &Keys) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { score_grads_avx512(grads, probs, grad_lse, query, keys) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { score_grads_avx2(grads, probs, grad_lse, query, keys) };
-        }
-    }
-    score_grads_portable(grads, probs, grad_lse, query, keys)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn score_grads_avx512(grads: &mut [f32], probs: &[f32], grad_lse: f32, query: u32, keys: &Keys) {
-    score_grads_portable(grads, probs, grad_lse, query, keys)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn score_grads_avx2(grads: &mut [f32], probs: &[f32], grad_lse: f32, query: u32, keys: &Keys) {
-    score_grads_portable(grads, probs, grad_lse, query, keys)
+dispatch_simd! {
+    /// Turns the gradient of one query's probabilities into the gradient of its scores, in
+    /// place: `dS = P * (dP - sum(P * dP) + dlse)`, zero where a score was replaced (it no
+    /// longer depends on the query or key).
+    fn score_grads(grads: &mut [f32], probs: &[f32], grad_lse: f32, query: u32, keys: &Keys) => score_grads_portable
 }
 
 /// Computes [`score_grads`], inlined into each instruction-set variant.
 #[inline(always)]
 fn score_grads_portable(grads: &mut [f32], probs: &[f32], grad_lse: f32, query: u32, keys: &Keys) {
-    let shift = grad_lse - dot(probs, grads);
+    let shift = grad_lse - lane_dot(probs, grads);
     for (((grad, &p), &key), &padded) in grads.iter_mut().zip(probs).zip(keys.positions).zip(keys.padded) {
         let replaced = padded | (keys.causal & (query < key)) | (keys.self_mask & (query == key));
         *grad = if replaced { 0.0 } else { p * (*grad + shift) };
