@@ -477,7 +477,9 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
             totals.tokens += scored;
         }
         if totals.tokens == 0 {
-            bail!("{} has {} bytes, too few to score: a file needs at least 2 tokens", file.display(), bytes.len());
+            let count = bytes.len();
+            let unit = if count == 1 { "byte" } else { "bytes" };
+            bail!("{} has {count} {unit}, too few to score: a file needs at least 2 tokens", file.display());
         }
         totals.bytes = match tokenizer {
             // One token is one byte, and unscored first tokens cover no scored byte.

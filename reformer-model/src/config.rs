@@ -531,7 +531,7 @@ impl ReformerConfig {
                 format!(
                     "inputs are padded to a multiple of the chunk lengths' least common multiple \
                      {multiple}, so the maximum length must be one too (for example {})",
-                    self.max_position_embeddings / multiple * multiple.max(1)
+                    self.max_position_embeddings.div_ceil(multiple) * multiple
                 ),
             );
         }
@@ -682,6 +682,12 @@ mod tests {
         assert_eq!(NumBuckets::automatic(4096, 64, 4096), NumBuckets::Single(128));
         assert_eq!(NumBuckets::automatic(16384, 64, 16384), NumBuckets::Factorised(vec![16, 32]));
         assert_eq!(NumBuckets::automatic(65536, 64, 65536), NumBuckets::Factorised(vec![32, 64]));
+    }
+
+    #[test]
+    fn max_length_suggestion_is_a_larger_multiple() {
+        let error = with(r#"{"lsh_attn_chunk_length": 9, "local_attn_chunk_length": 11, "axial_pos_embds": false, "max_position_embeddings": 64}"#).unwrap_err();
+        assert!(error.to_string().contains("(for example 99)"), "{error}");
     }
 
     #[test]

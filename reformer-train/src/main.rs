@@ -110,14 +110,21 @@ fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
-            let interrupted = error.chain().any(|cause| {
-                matches!(
-                    cause.downcast_ref::<TrainError>(),
-                    Some(TrainError::Interrupted { .. } | TrainError::InterruptedBeforeStart)
-                )
+            // A stop on request is not a failure: it prints what was saved and how to resume.
+            let stopped = error.chain().find_map(|cause| match cause.downcast_ref::<TrainError>() {
+                Some(stop @ (TrainError::Interrupted { .. } | TrainError::InterruptedBeforeStart)) => Some(stop.to_string()),
+                _ => None,
             });
-            if interrupted { ExitCode::from(INTERRUPTED_EXIT) } else { ExitCode::FAILURE }
+            match stopped {
+                Some(message) => {
+                    eprintln!("{message}");
+                    ExitCode::from(INTERRUPTED_EXIT)
+                }
+                None => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

@@ -21,6 +21,9 @@ use super::{MASK_VALUE, SELF_MASK_VALUE};
 /// ([`super::softmax_with_lse`]).
 const EXP_FLOOR: f32 = -80.0;
 
+/// Most groups of chunks one row's backward is split into when there are fewer rows than threads.
+const MAX_GROUPS: usize = 8;
+
 /// Returns `[rows, n_rounds, seq_len, d_head + 1]`: each query's output and logsumexp.
 pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], plan: &ChunkPlan) -> Vec<f32> {
     let d = plan.d_head;
@@ -68,7 +71,10 @@ pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], plan: &ChunkPlan) -> Vec<
 pub(crate) fn backward(q: &[f32], k: &[f32], v: &[f32], grad: &[f32], plan: &ChunkPlan) -> [Vec<f32>; 3] {
     let per_row = plan.seq_len * plan.d_head;
     let n_chunks = plan.n_chunks();
-    let groups = rayon::current_num_threads().div_ceil(plan.rows).clamp(1, n_chunks);
+    // NOTE: with fewer rows than threads, the split into groups (and so the order of the sums)
+    // follows the thread count, so the gradients can differ in the last bits between counts.
+    // Each extra group keeps its own three `[seq_len, d_head]` sums, hence the cap.
+    let groups = rayon::current_num_threads().div_ceil(plan.rows).clamp(1, n_chunks.min(MAX_GROUPS));
     let chunks_per_group = n_chunks.div_ceil(groups);
     let run = |row: usize, group: usize, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]| {
         let mut scratch = Scratch::new(plan);

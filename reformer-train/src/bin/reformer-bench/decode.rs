@@ -88,11 +88,25 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
     };
     // One untimed token warms the caches up before the timed ones.
     let longest = longest_prefix + 1 + args.tokens.max(args.uncached_tokens);
-    let max_len = longest.next_power_of_two();
+    // Inputs are padded to a multiple of the chunk lengths' least common multiple, so the
+    // maximum length is one: the next power of two when it is one, else the next multiple.
+    let multiple = base.chunk_lcm();
+    let max_len = match longest.next_power_of_two() {
+        power if power % multiple == 0 => power,
+        _ => longest.div_ceil(multiple).saturating_mul(multiple),
+    };
+    ensure!(
+        max_len <= 2 * MAX_LEN,
+        "invalid --config: its chunk lengths' least common multiple {multiple} pads prompts of {longest} tokens beyond {} tokens; choose chunk lengths with a smaller common multiple (powers of two)",
+        2 * MAX_LEN
+    );
     let rows = axial_rows(max_len);
     base.max_position_embeddings = max_len;
     base.axial_pos_shape = vec![rows, max_len / rows];
     let local = ReformerConfig { attn_layers: vec![AttentionKind::Local; base.attn_layers.len()], ..base.clone() };
+    for config in [&base, &local] {
+        config.validate().with_context(|| format!("invalid model config for prompts of up to {longest} tokens"))?;
+    }
     // Every length is checked before the first measurement, because a failed allocation
     // aborts the process without a message.
     for &prefix in &args.prefixes {
