@@ -455,6 +455,14 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
         }
         let bytes = std::fs::read(file).with_context(|| format!("failed to read {}", file.display()))?;
         let ids = tokenizer.encode_bytes(&bytes)?;
+        let vocab_size = model.config().vocab_size;
+        if let Some(offset) = ids.iter().position(|&id| id < 0 || id as usize >= vocab_size) {
+            bail!(
+                "{} has token id {} at token {offset}, outside the model's vocabulary 0..{vocab_size}: score text the model's tokenizer covers",
+                file.display(),
+                ids[offset]
+            );
+        }
         let mut totals = ScoreTotals::default();
         // Non-overlapping windows. A causal model has no prediction for the first token of a
         // window; a masked LM scores every token at its own position.
