@@ -103,13 +103,15 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 100)]
     max_new_tokens: usize,
     /// Softmax temperature; 0 (the default) is greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
+    // Negative values parse, so that `--temperature -1` gets the range error, not "unexpected
+    // argument".
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f64,
     /// Sample only from the k most likely tokens (0: all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Sample only from the smallest set of tokens whose probability reaches p.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f64,
     /// Recompute the whole sequence for every new token instead of using the decoding cache
     /// (slower; for checking the cache).
