@@ -531,6 +531,17 @@ mod tests {
     }
 
     #[test]
+    fn empty_batch_gives_empty_gradients() {
+        let device = test_device().autodiff();
+        let plan = ChunkPlan { rows: 0, order: None, padding: None, ..plan(1, true, false, false, false, 8) };
+        let [q, k, v] = [0, 1, 2].map(|_| Tensor::<3>::zeros([0, plan.seq_len, plan.d_head], &device).require_grad());
+        let out = chunked_attention(q.clone(), k, v, plan);
+        assert_eq!(out.dims()[0], 0);
+        let grads = out.sum().backward();
+        assert_eq!(q.grad(&grads).expect("gradient").dims(), [0, 24, 8]);
+    }
+
+    #[test]
     #[should_panic(expected = "chunk_len 5 does not divide")]
     fn chunk_len_must_divide_the_slots() {
         let device = test_device();

@@ -70,6 +70,9 @@ pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], plan: &ChunkPlan) -> Vec<
 /// the forward's output, `[rows, n_rounds, seq_len, d_head + 1]`.
 pub(crate) fn backward(q: &[f32], k: &[f32], v: &[f32], grad: &[f32], plan: &ChunkPlan) -> [Vec<f32>; 3] {
     let per_row = plan.seq_len * plan.d_head;
+    if plan.rows == 0 {
+        return [Vec::new(), Vec::new(), Vec::new()];
+    }
     let n_chunks = plan.n_chunks();
     // NOTE: with fewer rows than threads, the split into groups (and so the order of the sums)
     // follows the thread count, so the gradients can differ in the last bits between counts.
