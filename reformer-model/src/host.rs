@@ -43,8 +43,9 @@ impl<'a> Operand<'a> {
         Self { values, row_stride: 1, col_stride: cols }
     }
 
-    fn last_index(&self, rows: usize, cols: usize) -> usize {
-        (rows - 1) * self.row_stride + (cols - 1) * self.col_stride
+    /// Returns the index of element `[rows - 1, cols - 1]`, or `None` on overflow.
+    fn last_index(&self, rows: usize, cols: usize) -> Option<usize> {
+        (rows - 1).checked_mul(self.row_stride)?.checked_add((cols - 1).checked_mul(self.col_stride)?)
     }
 }
 
@@ -65,7 +66,11 @@ pub(crate) fn matmul(
     if m == 0 || n == 0 {
         return;
     }
-    assert!((m - 1) * dst_row_stride + n - 1 < dst.len(), "matmul: dst is shorter than [{m}, {n}]");
+
+    // Rows of dst must not overlap: gemm's threads write different rows at once.
+    assert!(m == 1 || dst_row_stride >= n, "matmul: dst rows of {n} overlap at row stride {dst_row_stride}");
+    let dst_shape = Operand { values: dst, row_stride: dst_row_stride, col_stride: 1 };
+    assert!(dst_shape.last_index(m, n).is_some_and(|last| last < dst.len()), "matmul: dst is shorter than [{m}, {n}]");
     if k == 0 {
         if !accumulate {
             for row in dst.chunks_mut(dst_row_stride).take(m) {
@@ -74,11 +79,13 @@ pub(crate) fn matmul(
         }
         return;
     }
-    assert!(lhs.last_index(m, k) < lhs.values.len(), "matmul: lhs is shorter than [{m}, {k}]");
-    assert!(rhs.last_index(k, n) < rhs.values.len(), "matmul: rhs is shorter than [{k}, {n}]");
+
+    assert!(lhs.last_index(m, k).is_some_and(|last| last < lhs.values.len()), "matmul: lhs is shorter than [{m}, {k}]");
+    assert!(rhs.last_index(k, n).is_some_and(|last| last < rhs.values.len()), "matmul: rhs is shorter than [{k}, {n}]");
     let parallelism = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-    // SAFETY: the asserts above keep every element the strides address inside its slice, and
-    // `dst` is a unique borrow, so it overlaps neither input.
+
+    // SAFETY: the asserts above keep every element the strides address inside its slice and
+    // keep dst's rows apart, and `dst` is a unique borrow, so it overlaps neither input.
     unsafe {
         gemm::gemm(
             m,

@@ -190,6 +190,9 @@ pub trait ChunkedAttentionOps: Backend {
 pub fn composed_forward(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, plan: &ChunkPlan) -> Tensor<4> {
     let ChunkPlan { rows, seq_len, d_head, n_rounds, chunk_len, .. } = *plan;
     let device = q.device();
+    if rows == 0 {
+        return Tensor::zeros([0, n_rounds, seq_len, d_head + 1], &device);
+    }
     let (slots, n_chunks, window) = (plan.slots(), plan.n_chunks(), plan.window());
 
     // Row indices into `[rows * seq_len, d_head]` of each slot's query and each window's keys.
@@ -279,6 +282,10 @@ fn composed_backward<B: Backend>(
 where
     DispatchTensor: DispatchKindConversion<B>,
 {
+    if plan.rows == 0 {
+        // Nothing depends on an empty batch; its gradients are empty too.
+        return (q, k, v);
+    }
     let leaf = |t| Tensor::<3>::from_primitive::<B>(t).autodiff().require_grad();
     let (q, k, v) = (leaf(q), leaf(k), leaf(v));
     let grad = Tensor::<4>::from_primitive::<B>(grad).autodiff();
@@ -479,6 +486,8 @@ mod tests {
             // chunk twice.
             ("local window wider than the sequence", plan_of_length(8, 1, false, false, true, false, 6)),
             ("lsh window wider than the sequence", plan_of_length(4, 2, false, true, true, false, 7)),
+            // 2 rounds of 6 positions in chunks of 4: the middle chunk spans both rounds.
+            ("lsh chunks across rounds", plan_of_length(6, 2, false, true, false, false, 11)),
         ]
     }
 
@@ -532,13 +541,16 @@ mod tests {
 
     #[test]
     fn empty_batch_gives_empty_gradients() {
-        let device = test_device().autodiff();
-        let plan = ChunkPlan { rows: 0, order: None, padding: None, ..plan(1, true, false, false, false, 8) };
-        let [q, k, v] = [0, 1, 2].map(|_| Tensor::<3>::zeros([0, plan.seq_len, plan.d_head], &device).require_grad());
-        let out = chunked_attention(q.clone(), k, v, plan);
-        assert_eq!(out.dims()[0], 0);
-        let grads = out.sum().backward();
-        assert_eq!(q.grad(&grads).expect("gradient").dims(), [0, 24, 8]);
+        // Every CPU backend: Flex runs the kernel, ndarray the tensor-operation version.
+        for name in crate::device::compiled_backends().into_iter().filter(|&name| name != "wgpu") {
+            let device = crate::device::select_device(name).expect("compiled backend").autodiff();
+            let plan = ChunkPlan { rows: 0, order: None, padding: None, ..plan(1, true, false, false, false, 8) };
+            let [q, k, v] = [0, 1, 2].map(|_| Tensor::<3>::zeros([0, plan.seq_len, plan.d_head], &device).require_grad());
+            let out = chunked_attention(q.clone(), k, v, plan);
+            assert_eq!(out.dims()[0], 0, "{name}");
+            let grads = out.sum().backward();
+            assert_eq!(q.grad(&grads).expect("gradient").dims(), [0, 24, 8], "{name}");
+        }
     }
 
     #[test]

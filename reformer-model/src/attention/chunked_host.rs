@@ -232,10 +232,12 @@ impl Scratch {
         self.apply_dropout(plan, g);
 
         // Gradients of this chunk's outputs and logsumexps, read at (row, round, position).
-        let round = chunk * chunk_len / seq_len;
+        // A chunk can span two rounds when chunk_len does not divide seq_len, so each slot
+        // finds its own round.
         self.grad_out.resize(chunk_len * d, 0.0);
         self.grad_lse.resize(chunk_len, 0.0);
         for (i, &position) in self.query_positions.iter().enumerate() {
+            let round = (chunk * chunk_len + i) / seq_len;
             let source = ((row * plan.n_rounds + round) * seq_len + position as usize) * width;
             self.grad_out[i * d..(i + 1) * d].copy_from_slice(&grad[source..source + d]);
             self.grad_lse[i] = grad[source + d];
