@@ -147,6 +147,13 @@ macro_rules! dispatch_simd {
 
 pub(crate) use dispatch_simd;
 
+/// Adds `part` into `total`, element by element.
+pub(crate) fn add_assign(total: &mut [f32], part: &[f32]) {
+    for (t, p) in total.iter_mut().zip(part) {
+        *t += p;
+    }
+}
+
 /// Returns `sum(f(x))` over `values`, added in sixteen partial sums so that the loop vectorises
 /// (a single running f32 sum cannot be reordered by the compiler).
 #[inline(always)]

@@ -6,8 +6,8 @@
 //! `[tokens, d_ff]` activations of a long sequence that is two extra passes over tens of
 //! megabytes per layer, in the forward and again in the backward. On Flex this operation writes
 //! the bias into a fresh buffer and lets the matrix product add to it. Its backward computes
-//! the three gradients with one matrix product each and one column sum. Other backends run
-//! Burn's own operations.
+//! the input and weight gradients with one matrix product each and the bias gradient as a
+//! column sum. Other backends run Burn's own operations.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -138,7 +138,7 @@ mod flex {
     use rayon::prelude::*;
 
     use super::LinearOps;
-    use crate::host::{Operand, contiguous, matmul, tensor, values};
+    use crate::host::{Operand, add_assign, contiguous, matmul, tensor, values};
 
     /// Products with at least this many multiply-adds split across threads; smaller ones (a
     /// decoding step's single row) run on the calling thread.
@@ -200,18 +200,14 @@ mod flex {
                     .map(|block| {
                         let mut sums = vec![0f32; d_output];
                         for row in block.chunks_exact(d_output) {
-                            for (sum, g) in sums.iter_mut().zip(row) {
-                                *sum += g;
-                            }
+                            add_assign(&mut sums, row);
                         }
                         sums
                     })
                     .collect();
                 let mut sums = vec![0f32; d_output];
                 for block in &partial {
-                    for (sum, g) in sums.iter_mut().zip(block) {
-                        *sum += g;
-                    }
+                    add_assign(&mut sums, block);
                 }
                 tensor(sums, vec![d_output])
             });

@@ -4,7 +4,7 @@
 //! Burn 0.22.1's autodiff differentiates `layer_norm` through its decomposition into mean,
 //! variance, subtraction, division and affine steps, each a full pass that allocates a tensor,
 //! so the backward of one `[2, 16384, 256]` normalisation took about four times its forward on
-//! Flex. Here the Flex backward recomputes each row's mean and inverse deviation and writes the
+//! Flex (measured: 120 ms for forward and backward against 27 ms for the forward). Here the Flex backward recomputes each row's mean and inverse deviation and writes the
 //! input gradient in one pass per row, with the scale and shift gradients summed per block of
 //! rows. Other backends run Burn's `layer_norm` and its gradient formula as tensor operations.
 
@@ -130,7 +130,7 @@ mod flex {
     use rayon::prelude::*;
 
     use super::LayerNormOps;
-    use crate::host::{contiguous, tensor, values};
+    use crate::host::{add_assign, contiguous, tensor, values};
 
     /// Rows per parallel task, and per partial sum of the scale and shift gradients.
     const BLOCK_ROWS: usize = 256;
@@ -171,9 +171,7 @@ mod flex {
                 .collect();
             let mut sums = vec![0f32; 2 * d_model];
             for part in &partial {
-                for (sum, p) in sums.iter_mut().zip(part) {
-                    *sum += p;
-                }
+                add_assign(&mut sums, part);
             }
             let grad_beta = sums.split_off(d_model);
             (tensor(grad_x, vec![rows, d_model]), tensor(sums, vec![d_model]), tensor(grad_beta, vec![d_model]))

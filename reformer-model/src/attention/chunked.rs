@@ -29,7 +29,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 
 use super::{MASK_VALUE, SELF_MASK_VALUE, bool_tensor, neighbour_chunk, softmax_with_lse, window_positions, window_rows};
-use crate::context::KeyMask;
+use crate::context::{ForwardContext, KeyMask, RandomSite};
 
 /// Everything a chunked attention call needs besides its tensors.
 #[derive(Clone, Debug)]
@@ -78,6 +78,14 @@ impl ChunkPlan {
     /// Keys a chunk attends to: `(before + 1 + after) * chunk_len`.
     pub fn window(&self) -> usize {
         (self.before + 1 + self.after) * self.chunk_len
+    }
+
+    /// Returns the plan with the dropout factors that `ctx` draws for the probabilities at
+    /// `(layer, AttentionProbs)`, none outside training or when `prob` is 0.
+    pub fn with_dropout(self, ctx: &ForwardContext, prob: f64, layer: usize) -> Self {
+        let n_probs = self.rows * self.slots() * self.window();
+        let dropout = ctx.dropout_factors(n_probs, prob, layer, RandomSite::AttentionProbs).map(Arc::new);
+        Self { dropout, ..self }
     }
 
     /// Returns the original position in `slot` of `row`.

@@ -14,7 +14,7 @@
 use rayon::prelude::*;
 
 use super::chunked::ChunkPlan;
-use crate::host::{Operand, dispatch_simd, lane_dot, matmul};
+use crate::host::{Operand, add_assign, dispatch_simd, lane_dot, matmul};
 use super::{MASK_VALUE, SELF_MASK_VALUE};
 
 /// Lowest exponent of the softmax exponentials, as in the tensor version
@@ -109,9 +109,7 @@ pub(crate) fn backward(q: &[f32], k: &[f32], v: &[f32], grad: &[f32], plan: &Chu
         for (task, sums) in partial.iter().enumerate() {
             let row = task / groups;
             for (total, part) in [&mut *dq, &mut *dk, &mut *dv].into_iter().zip(sums) {
-                for (t, p) in total[row * per_row..(row + 1) * per_row].iter_mut().zip(part) {
-                    *t += p;
-                }
+                add_assign(&mut total[row * per_row..(row + 1) * per_row], part);
             }
         }
     }
@@ -281,11 +279,9 @@ impl Scratch {
 
 /// Adds row `i` of `rows` (`[positions.len(), d]`) into row `positions[i]` of `target`.
 fn add_rows(target: &mut [f32], positions: &[u32], rows: &[f32], d: usize) {
-    for (i, &position) in positions.iter().enumerate() {
+    for (row, &position) in rows.chunks_exact(d).zip(positions) {
         let start = position as usize * d;
-        for (t, r) in target[start..start + d].iter_mut().zip(&rows[i * d..(i + 1) * d]) {
-            *t += r;
-        }
+        add_assign(&mut target[start..start + d], row);
     }
 }
 
@@ -296,6 +292,18 @@ struct Keys<'a> {
     padded: &'a [bool],
     causal: bool,
     self_mask: bool,
+}
+
+impl Keys<'_> {
+    /// Returns whether `query`'s score for the key at `key` (padding when `padded`) is replaced
+    /// by [`MASK_VALUE`] (`disallowed`) and by [`SELF_MASK_VALUE`] (`own`, which wins). Written
+    /// with `&` and `|`, not branches, so that the loops calling it vectorise.
+    #[inline(always)]
+    fn rules(&self, query: u32, key: u32, padded: bool) -> (bool, bool) {
+        let disallowed = padded | (self.causal & (query < key));
+        let own = self.self_mask & (query == key);
+        (disallowed, own)
+    }
 }
 
 dispatch_simd! {
@@ -310,10 +318,8 @@ dispatch_simd! {
 /// vectorise for that set.
 #[inline(always)]
 fn mask_softmax_portable(scores: &mut [f32], query: u32, keys: &Keys) -> f32 {
-    // Selects instead of branches, so that the loop vectorises.
     for ((score, &key), &padded) in scores.iter_mut().zip(keys.positions).zip(keys.padded) {
-        let disallowed = padded | (keys.causal & (query < key));
-        let own = keys.self_mask & (query == key);
+        let (disallowed, own) = keys.rules(query, key, padded);
         let value = if disallowed { MASK_VALUE } else { *score };
         *score = if own { SELF_MASK_VALUE } else { value };
     }
@@ -332,8 +338,8 @@ dispatch_simd! {
 fn score_grads_portable(grads: &mut [f32], probs: &[f32], grad_lse: f32, query: u32, keys: &Keys) {
     let shift = grad_lse - lane_dot(probs, grads);
     for (((grad, &p), &key), &padded) in grads.iter_mut().zip(probs).zip(keys.positions).zip(keys.padded) {
-        let replaced = padded | (keys.causal & (query < key)) | (keys.self_mask & (query == key));
-        *grad = if replaced { 0.0 } else { p * (*grad + shift) };
+        let (disallowed, own) = keys.rules(query, key, padded);
+        *grad = if disallowed | own { 0.0 } else { p * (*grad + shift) };
     }
 }
 

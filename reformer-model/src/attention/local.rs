@@ -2,8 +2,6 @@
 //! transformers 5.25: the sequence is cut into chunks and each chunk attends to itself and
 //! its neighbouring chunks, with chunk indices wrapping around.
 
-use std::sync::Arc;
-
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -12,7 +10,7 @@ use rand::rngs::StdRng;
 use super::chunked::{ChunkPlan, chunked_attention};
 use super::{merge_heads, split_heads};
 use crate::config::ReformerConfig;
-use crate::context::{ForwardContext, KeyMask, RandomSite};
+use crate::context::{ForwardContext, KeyMask};
 use crate::init::normal_linear;
 use crate::linear;
 
@@ -97,7 +95,7 @@ impl LocalSelfAttention {
             debug_assert_eq!(seq_len % s.chunk_len, 0, "seq_len {seq_len} is not a multiple of chunk_len {}", s.chunk_len);
             (s.chunk_len, s.chunks_before, s.chunks_after)
         };
-        let mut plan = ChunkPlan {
+        let plan = ChunkPlan {
             rows,
             n_heads: s.n_heads,
             seq_len,
@@ -111,9 +109,8 @@ impl LocalSelfAttention {
             self_mask: false,
             padding: mask.cloned(),
             dropout: None,
-        };
-        let n_probs = rows * plan.slots() * plan.window();
-        plan.dropout = ctx.dropout_factors(n_probs, s.dropout, layer, RandomSite::AttentionProbs).map(Arc::new);
+        }
+        .with_dropout(ctx, s.dropout, layer);
         let out = chunked_attention(q, k, v, plan) // [rows, 1, seq_len, d_head + 1]
             .slice([0..rows, 0..1, 0..seq_len, 0..s.d_head])
             .reshape([batch_size, s.n_heads, seq_len, s.d_head]);

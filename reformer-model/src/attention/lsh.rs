@@ -264,7 +264,7 @@ impl LshSelfAttention {
         let positions = sort_by_bucket(&buckets, rows, n_hashes, seq_len);
 
         // Sorted chunks attend to their neighbours. Every round contains each position once.
-        let mut plan = ChunkPlan {
+        let plan = ChunkPlan {
             rows,
             n_heads,
             seq_len,
@@ -278,9 +278,8 @@ impl LshSelfAttention {
             self_mask: true,
             padding: mask.cloned(),
             dropout: None,
-        };
-        let n_probs = rows * plan.slots() * plan.window();
-        plan.dropout = ctx.dropout_factors(n_probs, s.dropout, layer, RandomSite::AttentionProbs).map(Arc::new);
+        }
+        .with_dropout(ctx, s.dropout, layer);
         let qk = qk.reshape([rows, seq_len, d_head]);
         let keys = key_norm(qk.clone(), d_head);
         let both = chunked_attention(qk, keys, v.reshape([rows, seq_len, d_head]), plan); // [rows, n_hashes, seq_len, d_head + 1]
